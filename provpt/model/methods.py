@@ -1,0 +1,72 @@
+"""One model builder for every method: which prompts, which adapters, which parameters train."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import create_backbone
+from .prompted_vit import PromptedViT, shallow_distribution, uniform_distribution
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter on a block's output: x + up(gelu(down(x))), zero-initialised (identity)."""
+
+    def __init__(self, block: nn.Module, dim: int, bottleneck: int):
+        super().__init__()
+        self.block = block
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x, *args, **kwargs):
+        x = self.block(x, *args, **kwargs)
+        return x + self.up(nn.functional.gelu(self.down(x)))
+
+
+def add_lora(vit: nn.Module, rank: int) -> None:
+    """LoRA on the attention projections through Hugging Face peft (injected in place)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=r"blocks\.\d+\.attn\.(qkv|proj)")
+    inject_adapter_in_model(cfg, vit)
+
+
+def build_model(cfg, num_classes: int) -> PromptedViT:
+    """The network of ``cfg.method`` with the right parameters trainable (gates never are)."""
+    vit = create_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+    L = len(vit.blocks)
+    method = cfg.method
+    if method in ("vpt-deep", "pro-vpt"):
+        dist, shallow = uniform_distribution(L, cfg.num_prompts), False
+    elif method == "vpt-shallow":
+        dist, shallow = shallow_distribution(L, cfg.num_prompts), True
+    else:
+        dist, shallow = None, False
+    for p in vit.parameters():
+        p.requires_grad_(method == "full")
+    if method == "lora":
+        add_lora(vit, cfg.lora_rank)  # peft leaves only lora_* trainable
+        for n, p in vit.named_parameters():
+            p.requires_grad_("lora_" in n)
+    elif method == "adapter":
+        for i, blk in enumerate(vit.blocks):
+            vit.blocks[i] = Adapter(blk, vit.embed_dim, cfg.adapter_dim)
+    model = PromptedViT(vit, num_classes, dist, shallow=shallow,
+                        prompt_dropout=cfg.prompt_dropout if dist else 0.0)
+    model.finetune_backbone = method == "full"
+    model.prompts.gates.requires_grad_(bool(dist))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters the optimiser updates: everything with requires_grad except the gates."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and n != "prompts.gates"]
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for _, p in trainable_parameters(model))
+    total = sum(p.numel() for n, p in model.named_parameters() if n != "prompts.gates")
+    head = sum(p.numel() for p in model.head.parameters())
+    return {"trainable_params": trainable, "trainable_params_no_head": trainable - head, "total_params": total}

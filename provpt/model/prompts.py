@@ -1,0 +1,97 @@
+"""The prompt bank: every prompt of every block in one parameter, plus a block index per prompt.
+
+One ``(N, dim)`` tensor holds all prompt values, so moving a prompt between blocks changes only
+its block index (and order): the parameter object, its optimiser state (momentum) and the
+checkpoint layout stay valid. Each prompt has a gate fixed at 1 that multiplies its value in the
+forward pass; ``d loss / d gate_k = g_k . p_k`` is then PRO-VPT's Taylor idleness score, and it
+accumulates in ``gates.grad`` during the ordinary backward pass. Gates are never optimised.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def vpt_init_range(patch_size: int, dim: int, in_chans: int = 3) -> float:
+    """VPT's uniform init bound sqrt(6 / (in_chans * patch^2 + dim)) (0.0625 for ViT-B/16)."""
+    return math.sqrt(6.0 / float(in_chans * patch_size * patch_size + dim))
+
+
+class PromptBank(nn.Module):
+    def __init__(self, dim: int, distribution, init_range: float = 0.0625, dropout: float = 0.0):
+        super().__init__()
+        counts = [int(c) for c in distribution]
+        if any(c < 0 for c in counts):
+            raise ValueError(f"prompt distribution {counts}: counts must be >= 0")
+        n = sum(counts)
+        self.num_blocks = len(counts)
+        self.values = nn.Parameter(torch.empty(n, dim).uniform_(-init_range, init_range))
+        self.gates = nn.Parameter(torch.ones(n))
+        self.register_buffer("block", torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
+        self.register_buffer("order", torch.arange(n))
+        self.register_buffer("active", torch.ones(n, dtype=torch.bool))
+        self.dropout = nn.Dropout(dropout)
+        self._index: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def total(self) -> int:
+        return self.values.shape[0]
+
+    def distribution(self) -> torch.Tensor:
+        """Prompts per block, a (L,) long tensor summing to the budget N."""
+        return torch.bincount(self.block, minlength=self.num_blocks)
+
+    def block_indices(self, i: int) -> torch.Tensor:
+        """Indices of block i's active prompts, in insertion order."""
+        if self._index is None:
+            key = self.block * (self.order.max().item() + 1 if self.total else 1) + self.order
+            ranked = torch.argsort(key)
+            blocks = self.block[ranked]
+            keep = self.active[ranked]
+            self._index = [ranked[(blocks == b) & keep] for b in range(self.num_blocks)]
+        return self._index[i]
+
+    def invalidate(self) -> None:
+        self._index = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.invalidate()
+
+    # ------------------------------------------------------------------ forward
+    def tokens(self, i: int, batch: int) -> torch.Tensor:
+        """Block i's prompt tokens, (batch, n_i, dim): gate * value, then per-sample dropout."""
+        idx = self.block_indices(i)
+        p = self.values[idx] * self.gates[idx, None]
+        return self.dropout(p.unsqueeze(0).expand(batch, -1, -1))
+
+    # ------------------------------------------------------------------ relocation
+    @torch.no_grad()
+    def move(self, k: int, target: int, scale: float = 1e-3) -> None:
+        """Move prompt k to block ``target``: value scaled by ``scale``, appended after its prompts.
+
+        The value tensor is updated in place, so optimiser state (momentum) stays attached.
+        """
+        if not 0 <= target < self.num_blocks:
+            raise ValueError(f"target block {target} outside [0, {self.num_blocks})")
+        self.values[k].mul_(scale)
+        self.block[k] = target
+        self.order[k] = self.order.max() + 1
+        self.invalidate()
+
+    @contextmanager
+    def removed(self, *ks: int):
+        """Temporarily take prompts out of their blocks' sequences (not zeroed: removed)."""
+        before = self.active.clone()
+        self.active[list(ks)] = False
+        self.invalidate()
+        try:
+            yield self
+        finally:
+            self.active.copy_(before)
+            self.invalidate()

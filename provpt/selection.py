@@ -1,0 +1,34 @@
+"""Hyper-parameter selection on the validation split only (never the test split)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def select(run_dirs, split: str, out: Path | None = None) -> dict:
+    """Best (lr, weight_decay) by last-epoch ``split`` accuracy; ties to the smaller lr, then wd."""
+    candidates = []
+    for d in map(Path, run_dirs):
+        path = d / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: search run not finished")
+        m = json.loads(path.read_text())
+        if split not in m["eval"]:
+            raise KeyError(f"{path}: no accuracy on split {split!r} (has {sorted(m['eval'])})")
+        candidates.append({"run": str(d), "lr": m["lr"], "weight_decay": m["weight_decay"],
+                           "acc": m["eval"][split]["acc"]})
+    if not candidates:
+        raise ValueError("select: no search runs given")
+    best = max(candidates, key=lambda c: (c["acc"], -c["lr"], -c["weight_decay"]))
+    result = {"lr": best["lr"], "weight_decay": best["weight_decay"], "acc": best["acc"], "split": split,
+              "rule": "max last-epoch accuracy on the search eval split; ties to the smaller lr, then smaller wd",
+              "candidates": sorted(candidates, key=lambda c: (c["lr"], c["weight_decay"]))}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+    return result

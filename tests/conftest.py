@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny dataset folders generated into tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _image(seed: int, mode: str = "RGB", size=(16, 16)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "RGBA":
+        return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8))
+    return rgb.quantize(8) if mode == "P" else rgb.convert(mode)
+
+
+def write_image(path: Path, seed: int, mode: str = "RGB", size=(16, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _image(seed, mode, size).save(path)
+    return path
+
+
+# split -> [(file name, mode, label)]; grayscale JPEG, RGBA/palette PNG, CMYK JPEG included
+NOAH_SPLITS = {
+    "train800": [("000000.jpg", "RGB", 0), ("000001.jpg", "L", 1), ("000002.png", "RGBA", 2), ("000003.jpg", "RGB", 0)],
+    "val200": [("000000.jpg", "RGB", 1), ("000001.png", "P", 0)],
+    "train800val200": [("000000.jpg", "RGB", 0), ("000001.jpg", "CMYK", 1), ("000002.jpg", "RGB", 2)],
+    "test": [("000000.jpg", "RGB", 2), ("000001.jpg", "L", 2), ("000002.jpg", "RGB", 1)],
+}
+
+
+@pytest.fixture
+def noah_root(tmp_path) -> Path:
+    """``<root>/toy/{train800,val200,train800val200,test}.txt`` with 3 classes."""
+    root = tmp_path / "vtab"
+    task = root / "toy"
+    for k, (split, rows) in enumerate(NOAH_SPLITS.items()):
+        lines = []
+        for j, (name, mode, label) in enumerate(rows):
+            write_image(task / "images" / split / name, seed=10 * k + j, mode=mode)
+            lines.append(f"images/{split}/{name} {label}")
+        (task / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# class ids deliberately sparse; test holds a class (42) that train lacks
+FGVC_SPLITS = {
+    "train": {"a/1.jpg": 17, "a/2.jpg": 5, "b/3.png": 17},
+    "val": {"b/4.jpg": 5},
+    "test": {"c/5.jpg": 42, "c/6.jpg": 17},
+}
+
+
+@pytest.fixture
+def fgvc_root(tmp_path) -> Path:
+    """``<root>/{train,val,test}.json`` with keys relative to ``<root>/images`` (VPT's CUB)."""
+    root = tmp_path / "fgvc"
+    for k, (split, entries) in enumerate(FGVC_SPLITS.items()):
+        for j, rel in enumerate(entries):
+            mode = "RGBA" if rel.endswith(".png") else "RGB"
+            write_image(root / "images" / rel, seed=100 + 10 * k + j, mode=mode, size=(24, 16))
+        (root / f"{split}.json").write_text(json.dumps(entries, indent=1))
+    return root
+
+
+@pytest.fixture
+def noah_splits() -> dict:
+    return NOAH_SPLITS
+
+
+@pytest.fixture
+def fgvc_splits() -> dict:
+    return FGVC_SPLITS
+
+
+@pytest.fixture
+def image_writer():
+    return write_image
