@@ -63,8 +63,9 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
              max_steps: int | None = None, progress: bool = True) -> dict:
     """Train ``create_backbone(backbone, **backbone_kwargs)`` plus a linear head on Fashion-MNIST.
 
-    Stops after ``budget_s`` seconds of training or ``max_steps`` steps, whichever comes first (the
-    schedule follows whichever is further along). Saves the backbone (no head) to ``out`` with
+    The schedule runs over ``max_steps`` optimiser steps when given (then the result depends only on
+    the seed, and ``budget_s``, if set, is only a hard stop), else over ``budget_s`` seconds of
+    training (then a slower or busier machine trains for fewer steps). Saves the backbone (no head) to ``out`` with
     :func:`save_backbone` and a summary to ``out`` with suffix ``.json``; returns the summary.
     """
     if budget_s is None and max_steps is None:
@@ -96,16 +97,15 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
 
         from tqdm import tqdm
 
-        total = max_steps if budget_s is None else 100
-        bar = tqdm(total=total, desc="pretrain", unit="step" if budget_s is None else "%", disable=not progress,
-                   mininterval=2.0)
+        bar = tqdm(total=max_steps or 100, desc="pretrain", unit="step" if max_steps else "%",
+                   disable=not progress, mininterval=2.0)
         model.train()
         t0 = time.perf_counter()
         elapsed = 0.0
         while True:
             elapsed = time.perf_counter() - t0
-            prog = max(elapsed / budget_s if budget_s else 0.0, step / max_steps if max_steps else 0.0)
-            if prog >= 1.0:
+            prog = step / max_steps if max_steps else elapsed / budget_s
+            if prog >= 1.0 or (budget_s and elapsed >= budget_s):
                 break
             for g in opt.param_groups:
                 g["lr"] = lr * _lr_factor(prog, warmup)
@@ -125,7 +125,7 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
             step, seen = step + 1, seen + len(idx)
             losses.append(loss.item())
             hits.append(int((logits.argmax(1) == ytr[idx]).sum()) / len(idx))
-            new = step if budget_s is None else min(100, int(100 * prog))
+            new = step if max_steps else min(100, int(100 * prog))
             if new > bar.n:
                 bar.update(new - bar.n)
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", step=step)

@@ -80,7 +80,7 @@ class TaskData:
         self.splits = {}
         for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits]):
             images, labels = load_split(task_dir, split)
-            self.splits[split] = (torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            self.splits[split] = (torch.from_numpy(np.array(images)).to(device),
                                   torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
         mean, std = NORMALISATION[cfg.norm]
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255

@@ -162,6 +162,7 @@ METHOD_CFG = dict(backbone=NAME, backbone_kwargs=KW, num_prompts=2, prompt_dropo
 @pytest.mark.parametrize("method", ["linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "lora", "adapter"])
 def test_methods_train_the_right_parameters(method):
     cfg = RunConfig(method=method, **METHOD_CFG)
+    torch.manual_seed(0)
     model = build_model(cfg, 5)
     names = [n for n, _ in trainable_parameters(model)]
     counts = count_parameters(model)
@@ -181,6 +182,7 @@ def test_methods_train_the_right_parameters(method):
     assert counts["trainable_params"] == sum(p.numel() for _, p in trainable_parameters(model))
     # LoRA and adapters start as the identity: same logits as the linear probe with the same head
     if method in ("lora", "adapter"):
+        torch.manual_seed(0)
         lin = build_model(RunConfig(method="linear", **METHOD_CFG), 5)
         lin.head.load_state_dict(model.head.state_dict())
         x = x_batch()

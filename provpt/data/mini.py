@@ -83,7 +83,7 @@ def load_fashion_mnist(fmnist_dir=DEFAULT_FMNIST_DIR, split: str = "train") -> t
             raise ValueError(f"{path}: not an IDX {kind} file (magic {magic})")
         if kind == "images":
             h, w = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
-            arrays.append(np.frombuffer(data, np.uint8, n * h * w, 16).reshape(n, h, w))
+            arrays.append(np.frombuffer(data, np.uint8, n * h * w, 16).reshape(n, h, w).copy())
         else:
             arrays.append(np.frombuffer(data, np.uint8, n, 8).astype(np.int64))
     if len(arrays[0]) != len(arrays[1]):

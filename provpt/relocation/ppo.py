@@ -97,7 +97,7 @@ class PPO:
                 logp_all = self._log_probs(states, masks)
                 logp = logp_all.gather(1, actions[:, None]).squeeze(1)
                 p = logp_all.exp()
-                entropy = -torch.where(masks, p * logp_all, torch.zeros_like(p)).sum(-1)
+                entropy = -(p * logp_all.masked_fill(~masks, 0.0)).sum(-1)
                 values = self.critic(states).squeeze(-1)
                 ratio = torch.exp(logp - old_logp)
                 surrogate = torch.min(ratio * advantages, ratio.clamp(1 - self.clip, 1 + self.clip) * advantages)

@@ -28,7 +28,7 @@ def save(fig: Figure, figures_dir: Path, stem: str) -> list[Path]:
     for ext in ("png", "pdf"):
         path = Path(figures_dir) / f"{stem}.{ext}"
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=DPI)
         paths.append(path)
     return paths
 

@@ -1,0 +1,147 @@
+"""PRO-VPT's outer loop: score prompts, prune the idlest, allocate it, reward the move an epoch later.
+
+The training loop calls, per epoch::
+
+    moves = relocator.start_epoch(epoch, model, batches, loss_fn)   # before training
+    ... train (loss.backward() also fills model.prompts.gates.grad) ...
+    relocator.end_epoch(epoch, model, num_batches, loss_mean, loss_faithful)
+
+Scores: ``online`` (default) uses the gate gradients accumulated during the previous epoch's
+training, so nothing extra runs and the global RNG is never touched; ``pass`` runs the authors'
+scoring pass at the start of the epoch (under ``fork_rng``, so training's random stream is the same
+as without it) and, as they do, takes the reward's losses from that pass. ``pruning='norm'`` is the
+authors' norm ablation: always move, reward without the idleness correction.
+
+Reward of the moves made at epoch t, settled at the start of epoch t+1:
+``loss_before - loss_after - max_k score_k`` (online: training losses of epochs t-1 and t;
+pass: pass losses at the starts of t and t+1). ``reward='mean'`` uses per-sample mean losses,
+``'faithful'`` the authors' sum of batch-mean losses / batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .allocators import make_allocator
+from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_pass
+
+
+class Relocator:
+    def __init__(self, cfg, num_blocks: int, total: int, seed: int = 0, grad_clip: float = 0.25):
+        self.cfg, self.num_blocks, self.total, self.grad_clip = cfg, num_blocks, total, grad_clip
+        self.allocator = make_allocator(cfg, num_blocks, seed)
+        self.moves: list[dict] = []  # every move record, rewards filled in when settled
+        self.pending: list[int] = []  # indices into self.moves waiting for their reward
+        self.loss_before: dict | None = None  # losses measured when the pending moves were made
+        self.last_loss: dict | None = None  # last epoch's training losses (from end_epoch)
+        self.collected: torch.Tensor | None = None  # online scores of the last epoch
+
+    # ------------------------------------------------------------------ schedule
+    def moves_at(self, epoch: int) -> bool:
+        c = self.cfg
+        return c.enabled and epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.every == 0
+
+    def _state(self, model, scores: torch.Tensor) -> torch.Tensor:
+        """Per-block sums the allocator sees: idleness scores, or prompt norms for norm pruning."""
+        bank = model.prompts
+        if self.cfg.pruning == "norm":
+            return block_sums(bank.values.detach().float().norm(dim=1), bank.block, self.num_blocks)
+        return block_sums(scores, bank.block, self.num_blocks)
+
+    def _scores(self, model, batches, loss_fn, needed: bool):
+        """(per-prompt scores, losses now); scores None when unavailable."""
+        if self.cfg.pruning == "norm":
+            return norm_scores(model), self.last_loss
+        if self.cfg.scoring == "online":
+            return self.collected, self.last_loss
+        if not needed:
+            return None, None
+        dev = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            clip = self.grad_clip if self.cfg.clip_scores else None
+            return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True)
+
+    # ------------------------------------------------------------------ per epoch
+    def start_epoch(self, epoch: int, model, batches, loss_fn) -> list[dict]:
+        """Settle the pending reward, then relocate if this epoch is scheduled; returns this epoch's moves."""
+        if not self.cfg.enabled:
+            return []
+        moving = self.moves_at(epoch)
+        scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending))
+        self._settle(scores, loss)
+        if not moving or scores is None:
+            return []
+        bank, records = model.prompts, []
+        scores = scores.clone().double()
+        candidates = torch.ones(bank.total, dtype=torch.bool)
+        inf = float("-inf")
+        for _ in range(self.cfg.count):
+            masked = scores.masked_fill(~candidates, inf)
+            k = int(masked.argmax())
+            if self.cfg.pruning == "taylor" and not masked[k] > 0:
+                break
+            block, dist, state = bank.block.cpu(), bank.distribution().cpu(), self._state(model, scores)
+            if self.allocator.pair:
+                target, info = self.allocator.act(state, dist, None, self.total)
+                source = info["source"]
+                within = scores.masked_fill(block != source, inf)
+                pick = within.masked_fill(~candidates, inf)
+                k = int((pick if pick.max() > inf else within).argmax())
+            else:
+                source = int(block[k])
+                after = dist.clone()
+                after[source] -= 1
+                target, info = self.allocator.act(state, after, source, self.total)
+            score = float(scores[k])
+            if target != source:  # the authors leave a prompt "moved" to its own block untouched
+                bank.move(k, target, self.cfg.scale)
+                if self.cfg.pruning == "norm":
+                    scores = norm_scores(model).double()
+                else:
+                    scores[k] *= self.cfg.scale  # first-order score of the scaled prompt
+            candidates[k] = False
+            records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
+                            "score": score, "probs": info["probs"],
+                            "distribution": bank.distribution().tolist(), "reward": None})
+        self.pending = list(range(len(self.moves), len(self.moves) + len(records)))
+        self.moves.extend(records)
+        self.loss_before = copy.deepcopy(loss)
+        return records
+
+    def _settle(self, scores, loss) -> None:
+        if not self.pending:
+            return
+        r = None
+        if scores is not None and loss is not None and self.loss_before is not None:
+            key = self.cfg.reward
+            r = self.loss_before[key] - loss[key]
+            if self.cfg.pruning == "taylor":
+                r -= float(scores.max())
+        for i in self.pending:
+            self.moves[i]["reward"] = r
+            self.allocator.reward(r)
+        self.pending = []
+
+    def end_epoch(self, epoch: int, model, num_batches: int, loss_mean: float, loss_faithful: float) -> None:
+        """Record the epoch's training losses; online mode keeps its gate gradients as next scores."""
+        self.last_loss = {"mean": float(loss_mean), "faithful": float(loss_faithful)}
+        if self.cfg.enabled and self.cfg.scoring == "online" and self.cfg.pruning == "taylor":
+            self.collected = online_scores(model, num_batches)
+        reset_online(model)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"allocator": self.allocator.state_dict(), "moves": copy.deepcopy(self.moves),
+                "pending": list(self.pending), "loss_before": copy.deepcopy(self.loss_before),
+                "last_loss": copy.deepcopy(self.last_loss),
+                "collected": None if self.collected is None else self.collected.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator.load_state_dict(state["allocator"])
+        self.moves = copy.deepcopy(state["moves"])
+        self.pending = list(state["pending"])
+        self.loss_before = copy.deepcopy(state["loss_before"])
+        self.last_loss = copy.deepcopy(state["last_loss"])
+        self.collected = None if state["collected"] is None else state["collected"].clone()

@@ -1,0 +1,127 @@
+"""The training loop end to end on a tiny prepared task: files, determinism, resume, PRO-VPT wiring."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from provpt.cli import main as cli
+from provpt.config import RunConfig
+from provpt.data.cache import prepare_vtab_task
+from provpt.train import run
+
+KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+SIZES = {"train800": 48, "val200": 24, "train800val200": 72, "test": 24}
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    """A 3-class task (class = dominant colour channel + noise), prepared into the cache."""
+    from PIL import Image
+
+    src, cache = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(0)
+    for split, n in SIZES.items():
+        lines = []
+        for i in range(n):
+            label = i % 3
+            img = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+            img[..., label] += 100
+            path = src / "toy" / "images" / split / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+            lines.append(f"images/{split}/{i:06d}.png {label}")
+        (src / "toy" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    prepare_vtab_task(src, "toy", cache, size=16, num_classes=3, group="natural", progress=False)
+    return cache
+
+
+def cfg_for(root, out, **kw) -> RunConfig:
+    base = dict(dataset="toy", data_root=str(root), backbone="vit_tiny_patch16_224", backbone_kwargs=KW,
+                method="vpt-deep", num_prompts=2, epochs=3, batch_size=16, lr=0.5, weight_decay=1e-4,
+                eval_splits=["val200", "test"], progress=False, threads=1, out=str(out))
+    base.update(kw)
+    return RunConfig.from_dict(base)
+
+
+def strip(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("wall_time_s",)}
+
+
+def test_run_writes_a_complete_run_folder(toy_root, tmp_path):
+    m = run(cfg_for(toy_root, tmp_path / "r"))
+    out = tmp_path / "r"
+    for name in ("config.yaml", "metrics.json", "history.jsonl", "distribution.csv", "checkpoint.pt",
+                 "trainable.safetensors"):
+        assert (out / name).is_file(), name
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert m["eval"] == history[-1]["eval"] and set(m["eval"]) == {"val200", "test"}
+    assert m["distribution"] == [2, 2, 2] and m["trainable_params"] == 6 * 32 + 32 * 3 + 3
+    assert (out / "distribution.csv").read_text().splitlines()[0] == "epoch,b0,b1,b2"
+    assert m["eval"]["test"]["acc"] > 50  # colour task: far above chance (33%)
+
+
+def test_run_is_deterministic_and_finished_run_is_not_redone(toy_root, tmp_path):
+    a = run(cfg_for(toy_root, tmp_path / "a", epochs=2))
+    b = run(cfg_for(toy_root, tmp_path / "b", epochs=2))
+    assert strip(a) == strip(b)
+    stamp = (tmp_path / "a" / "metrics.json").stat().st_mtime_ns
+    assert run(cfg_for(toy_root, tmp_path / "a", epochs=2)) == a
+    assert (tmp_path / "a" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "pro-vpt", "lora"])
+def test_killed_and_resumed_equals_uninterrupted(toy_root, tmp_path, method):
+    kw = dict(method=method, epochs=4, relocation={"scoring": "online"})
+    full = run(cfg_for(toy_root, tmp_path / "full", **kw))
+
+    def kill(epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg_for(toy_root, tmp_path / "cut", **kw), on_epoch_end=kill)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = run(cfg_for(toy_root, tmp_path / "cut", **kw))
+    assert strip(resumed) == strip(full)
+    if method == "pro-vpt":
+        assert (tmp_path / "cut" / "moves.jsonl").read_text() == (tmp_path / "full" / "moves.jsonl").read_text()
+
+
+def test_pro_vpt_without_relocation_equals_vpt_deep(toy_root, tmp_path):
+    deep = run(cfg_for(toy_root, tmp_path / "deep"))
+    off = run(cfg_for(toy_root, tmp_path / "off", method="pro-vpt", relocation={"enabled": False}))
+    assert off["eval"] == deep["eval"] and off["distribution"] == deep["distribution"]
+
+
+def test_pro_vpt_relocates_keeps_budget_and_logs_moves(toy_root, tmp_path):
+    m = run(cfg_for(toy_root, tmp_path / "p", method="pro-vpt", epochs=5, lr=2.0))
+    out = tmp_path / "p"
+    moves = [json.loads(line) for line in (out / "moves.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all(sum(h["distribution"]) == 6 and min(h["distribution"]) >= 0 for h in history)
+    assert moves, "no prompt was relocated in 5 epochs"
+    assert all(mv["epoch"] >= 1 for mv in moves)  # warm-up: the first epoch moves nothing
+    assert {"epoch", "prompt", "source", "target", "score", "probs", "distribution"} <= set(moves[0])
+    assert sum(m["distribution"]) == 6
+
+
+def test_cli_train_and_clear_errors(toy_root, tmp_path, capsys):
+    args = ["train", f"data_root={toy_root}", "dataset=toy", "backbone=vit_tiny_patch16_224",
+            "backbone_kwargs={img_size: 16, patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}",
+            "method=linear", "epochs=1", "batch_size=16", "eval_splits=[val200]", "progress=false",
+            f"out={tmp_path / 'cli'}"]
+    assert cli(args) == 0
+    assert "val200" in capsys.readouterr().out
+    assert cli(args[:-1] + ["method=prompt-magic", f"out={tmp_path / 'x'}"]) == 2
+    assert "method='prompt-magic'" in capsys.readouterr().err
+    assert cli(args[:-1] + ["lr=fast", f"out={tmp_path / 'x'}"]) == 2
+    assert "lr='fast': expected a number" in capsys.readouterr().err
+    assert cli(args[:-1] + ["dataset=nope", f"out={tmp_path / 'x'}"]) == 2
+    assert "nope" in capsys.readouterr().err
