@@ -187,3 +187,37 @@ def test_methods_train_the_right_parameters(method):
         lin.head.load_state_dict(model.head.state_dict())
         x = x_batch()
         torch.testing.assert_close(model.eval()(x), lin.eval()(x))
+
+
+def to_google_npz(vit, path):
+    """Write a timm ViT as Google's original ViT .npz layout (the inverse of timm's _load_weights)."""
+    import numpy as np
+
+    sd = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    D, H = vit.embed_dim, vit.blocks[0].attn.num_heads
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    for i in range(len(vit.blocks)):
+        b, g = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        a = g + "MultiHeadDotProductAttention_1/"
+        for j, n in enumerate(("query", "key", "value")):
+            w[a + n + "/kernel"] = sd[b + "attn.qkv.weight"][j * D:(j + 1) * D].T.reshape(D, H, D // H)
+            w[a + n + "/bias"] = sd[b + "attn.qkv.bias"][j * D:(j + 1) * D].reshape(H, D // H)
+        w[a + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(D, H, D // H).transpose(1, 2, 0)
+        w[a + "out/bias"] = sd[b + "attn.proj.bias"]
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[g + ln + "/scale"], w[g + ln + "/bias"] = sd[b + name + ".weight"], sd[b + name + ".bias"]
+        for r in range(2):
+            w[g + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[g + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_backbone_loads_google_npz_through_timm(tmp_path):
+    src = tiny_vit()
+    to_google_npz(src, tmp_path / "ViT.npz")
+    vit = create_backbone(NAME, tmp_path / "ViT.npz", **KW)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(vit.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
