@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..config import METHODS
 from .runs import atomic_path, load_distributions, load_histories
@@ -51,30 +52,32 @@ def task_grid(n: int, title: str, w: float = 3.3, h: float = 2.7):
 def distribution_over_epochs(dist: pd.DataFrame, task: str) -> Figure:
     """Heatmap of one task's PRO-VPT distribution: epochs on x, blocks on y, count as colour."""
     m = dist.groupby(["block", "epoch"])["count"].mean().unstack("epoch")
-    fig = Figure(figsize=(min(12, 4 + 0.08 * m.shape[1]), 1.2 + 0.3 * m.shape[0]), layout="constrained")
+    fig = Figure(figsize=(min(12, 6 + 0.06 * m.shape[1]), 1.6 + 0.3 * m.shape[0]), layout="constrained")
     ax = fig.subplots()
     mesh = ax.pcolormesh(m.columns, m.index, m.to_numpy(float), shading="nearest", cmap="viridis")
     fig.colorbar(mesh, ax=ax, label="prompts in block")
     n = dist["seed"].nunique()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="block", yticks=list(m.index),
-           title=f"PRO-VPT prompt distribution over epochs: {task} (mean of {n} seed{'s' * (n > 1)})")
+           title=f"PRO-VPT prompt distribution over epochs: {task}\n(mean of {n} seed{'s' * (n > 1)})")
     return fig
 
 
 def final_distributions(final: pd.DataFrame) -> Figure:
     """Heatmap tasks x blocks of the last distribution (mean over seeds), cells annotated."""
-    fig = Figure(figsize=(2.5 + 0.55 * final.shape[1], 1.3 + 0.38 * final.shape[0]), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 2.5 + 0.55 * final.shape[1]), 1.6 + 0.38 * final.shape[0]),
+                 layout="constrained")
     ax = fig.subplots()
     v = final.to_numpy(float)
     im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="prompts in block")
-    hi = np.nanmax(v)
+    hi, digits = np.nanmax(v), 0 if np.allclose(v, np.round(v)) else 1
     for (i, j), c in np.ndenumerate(v):
-        ax.text(j, i, f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}", ha="center", va="center",
-                fontsize=7, color="black" if c > 0.6 * hi else "white")
+        ax.text(j, i, f"{c:.{digits}f}", ha="center", va="center", fontsize=7,
+                color="black" if c > 0.6 * hi else "white")
     ax.set(xticks=range(v.shape[1]), xticklabels=final.columns, yticks=range(v.shape[0]),
            yticklabels=final.index, xlabel="block",
-           title="PRO-VPT final prompt distribution per task (mean over seeds)")
+           title="PRO-VPT final prompt distribution per task\n(mean over seeds)")
     return fig
 
 
@@ -108,6 +111,7 @@ def training_curves(hist: pd.DataFrame, tasks: list[str]) -> Figure:
             ax.fill_between(s.index, s["mean"] - s["std"], s["mean"] + s["std"], color=method_color(m),
                             alpha=0.15, lw=0)
         ax.set(title=task, xlabel="epoch", ylabel="accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles = {l: h for ax in axes for h, l in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(7, len(handles)))
@@ -147,6 +151,5 @@ def write_figures(runs: pd.DataFrame, groups: dict, figures_dir: Path, split: st
     else:
         vecs = pd.DataFrame(final["distribution"].tolist(), index=final["dataset"]).groupby(level=0).mean()
         vecs = vecs.reindex([t for t in tasks if t in vecs.index])
-        vecs.columns = [f"b{i}" for i in vecs.columns]
         written["final_distributions"] = save(final_distributions(vecs), figures_dir, "final_distributions")
     return written, skipped

@@ -52,6 +52,12 @@ def task_order(groups: dict, datasets=()) -> list[str]:
     return tasks + sorted(set(datasets) - set(tasks))
 
 
+def sort_rows(df: pd.DataFrame, order, cols=("dataset", "method")) -> pd.DataFrame:
+    """Sort by ``cols``, each value ranked by its position in ``order`` (unknown values last)."""
+    rank = {k: i for i, k in enumerate(order)}
+    return df.sort_values(list(cols), key=lambda c: c.map(rank), kind="stable").reset_index(drop=True)
+
+
 def headline_key(groups: dict) -> str:
     """``vtab_mean`` (mean of the three VTAB group means), ``<group>_mean`` for one group, else
     ``mean_of_groups``."""
@@ -127,13 +133,12 @@ def accuracy_tables(runs: pd.DataFrame, groups: dict) -> tuple[pd.DataFrame, pd.
     means = benchmark_means(st, groups)
     tasks = task_order(groups, st["dataset"])
     st["group"] = st["dataset"].map({t: g for g, ts in groups.items() for t in ts})
-    key = {t: i for i, t in enumerate(tasks)} | {m: i for i, m in enumerate(method_order(st["method"]))}
-    long = st.sort_values(["dataset", "method"], key=lambda c: c.map(key))
-    long = long[["group"] + [c for c in long.columns if c != "group"]].reset_index(drop=True)
+    long = sort_rows(st, tasks + method_order(st["method"]))
+    long = long[["group"] + [c for c in long.columns if c != "group"]]
 
     cells = st.assign(cell=[fmt_acc(m, s) for m, s in zip(st["mean"], st["std"])])
-    wide = cells.pivot(index="method", columns="dataset", values="cell").reindex(
-        index=means.index, columns=tasks).fillna("")
+    wide = cells.pivot(index="method", columns="dataset", values="cell").astype(object).reindex(
+        index=means.index, columns=tasks, fill_value="").fillna("")
     for k, label in mean_labels(groups).items():
         wide[label] = means[k].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     par = runs.groupby("method")[["trainable_params", "total_params"]].mean()
@@ -157,6 +162,9 @@ def match_benchmark(groups: dict, published: dict) -> str | None:
     return None
 
 
+PUBLISHED_COLUMNS = ["benchmark", "method", "metric", "published", "ours", "delta", "source"]
+
+
 def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series, groups: dict,
                     published: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Each published number with its source, ours beside it and ours minus published.
@@ -165,11 +173,11 @@ def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series,
     """
     published = published or load_published()
     name = match_benchmark(groups, published)
-    if name is None:
-        note = ("no published numbers for this profile's tasks (they are not VTAB-1k or FGVC task "
-                "names); ours are in the accuracy table")
-        return pd.DataFrame(columns=["benchmark", "method", "metric", "published", "ours", "delta",
-                                     "source"]), [note]
+    if name is None:  # ours only, so the table still says what there is to compare
+        ours = means.rename_axis(index="method", columns="metric").stack().rename("ours").reset_index()
+        table = ours.assign(benchmark="none", published=np.nan, delta=np.nan, source="none published")
+        return table.reindex(columns=PUBLISHED_COLUMNS), [
+            "no published numbers for this profile's tasks (they are not VTAB-1k or FGVC task names): ours only"]
     bench = published["benchmarks"][name]
     same_groups = {g: set(t) for g, t in groups.items()} == {g: set(t) for g, t in bench["groups"].items()}
     acc = stats.pivot(index="method", columns="dataset", values="mean")
@@ -184,13 +192,18 @@ def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series,
             elif same_groups and metric in means.columns:
                 ours = means[metric].get(e["method"], np.nan)
             rows.append({"benchmark": name, "method": e["method"], "metric": metric, "published": value,
-                         "ours": ours, "delta": ours - value, "source": published["sources"][e["source"]]})
+                         "ours": ours, "delta": ours - value, "source": published["sources"][e["source"]]["cite"]})
+    g = bench["groups"]
+    table = sort_rows(pd.DataFrame(rows, columns=PUBLISHED_COLUMNS), task_order(g) + list(g) +
+                      [headline_key(g), "params_M"] + method_order({r["method"] for r in rows}), ("metric", "method"))
     notes = ["delta = ours - published (pp; M for params_M). Ours: mean over seeds of the last-epoch "
              "accuracy; params_M is our mean trainable count over tasks (heads included)."]
+    notes += [f"{s['cite']}: {s['detail']}" for s in published["sources"].values()
+              if s["cite"] in set(table["source"])]
     if not same_groups:
         notes.append("group and headline means are not compared: the profile's groups differ from "
                      f"the {name} benchmark's")
-    return pd.DataFrame(rows), notes
+    return table, notes
 
 
 def paired(runs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
@@ -216,6 +229,8 @@ def paired_tests(x, y) -> dict:
         warnings.simplefilter("ignore")
         out["wilcoxon_p"] = float(sps.wilcoxon(x, y).pvalue)
         out["ttest_p"] = float(sps.ttest_rel(x, y).pvalue)
+    if math.isnan(out["ttest_p"]):
+        out["note"] = "constant differences: t-test undefined"
     return out
 
 
@@ -231,8 +246,10 @@ def significance_table(runs: pd.DataFrame, groups: dict,
                      **paired_tests(p.get(a, []), p.get(b, [])), **wtl(p, a, b)})
         if rows[-1]["note"]:
             notes.append(f"{comp}: {rows[-1]['note']}")
-        order = {t: i for i, t in enumerate(task_order(groups, p["dataset"]))}
-        for task, q in sorted(p.groupby("dataset"), key=lambda kv: order[kv[0]]):
+        for task in task_order(groups, p["dataset"]):
+            q = p[p["dataset"] == task]
+            if q.empty:
+                continue
             rows.append({"comparison": comp, "task": task, "n_tasks": 1, "n_pairs": len(q),
                          "mean_diff": float((q[a] - q[b]).mean()), **wtl(q, a, b)})
     cols = ["comparison", "task", "n_tasks", "n_pairs", "mean_diff", "wilcoxon_p", "ttest_p",
@@ -251,15 +268,13 @@ def wtl(p: pd.DataFrame, a: str, b: str) -> dict:
 
 
 def selection_table(sel: pd.DataFrame, groups: dict) -> pd.DataFrame:
-    key = {t: i for i, t in enumerate(task_order(groups, sel["dataset"]))}
-    key |= {m: i for i, m in enumerate(method_order(sel["method"]))}
-    sel = sel.sort_values(["dataset", "method"], key=lambda c: c.map(key)).reset_index(drop=True)
+    sel = sort_rows(sel, task_order(groups, sel["dataset"]) + method_order(sel["method"]))
     for c in ("lr", "weight_decay"):
         sel[c] = sel[c].map(lambda v: "" if v is None or pd.isna(v) else f"{v:g}")
     return sel
 
 
-def summary(means: pd.DataFrame, stats: pd.DataFrame, runs: pd.DataFrame, groups: dict) -> dict:
+def summary(means: pd.DataFrame, stats: pd.DataFrame, runs: pd.DataFrame) -> dict:
     """Metrics for DVC: per method the mean accuracy over tasks, group means, headline mean."""
     def num(v):
         return None if pd.isna(v) else round(float(v), 4)
@@ -290,7 +305,7 @@ def to_markdown(df: pd.DataFrame, notes=()) -> str:
     rows = [[c.replace("|", "\\|") for c in r] for r in rows]
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("---" for _ in df.columns) + "|")
-    return "\n".join(lines + [""] + [f"Note: {n}" for n in notes]) + "\n"
+    return "\n".join(lines + [f"\nNote: {n}" for n in notes]) + "\n"
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -345,7 +360,7 @@ def write_tables(runs: pd.DataFrame, selections: pd.DataFrame, groups: dict, tab
         written["significance"] = write_table(sig, tables_dir, "significance",
                                               "Paired comparison over (task, seed) pairs", notes)
         written["summary"] = [write_text(Path(tables_dir) / "summary.json", json.dumps(
-            {"eval_split": split, "methods": summary(means, long, runs, groups)}, indent=2) + "\n")]
+            {"eval_split": split, "methods": summary(means, long, runs)}, indent=2) + "\n")]
     if selections.empty:
         skipped["selection"] = "no selection files"
     else:
