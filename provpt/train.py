@@ -199,7 +199,7 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
     if cfg.method == "pro-vpt" and cfg.relocation.enabled:
         from .relocation.relocator import Relocator
 
-        relocator = Relocator(cfg.relocation, model.num_blocks, model.prompts.total, cfg.seed)
+        relocator = Relocator(cfg.relocation, model.num_blocks, model.prompts.total, cfg.seed, grad_clip=cfg.grad_clip)
 
     start, history, wall = 0, [], 0.0
     if (out / CHECKPOINT).exists():
@@ -207,13 +207,17 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
         model.load_trainable_state(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
+        if ck.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         if relocator is not None:
             relocator.load_state_dict(ck["relocator"])
         start, history, wall = ck["epoch"], ck["history"], ck["wall_time_s"]
 
     def checkpoint(epoch: int) -> dict:
         return {"epoch": epoch, "model": model.trainable_state(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "history": history, "wall_time_s": wall,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": history, "wall_time_s": wall,
                 "relocator": relocator.state_dict() if relocator is not None else None}
 
     keep = save_epochs(cfg)

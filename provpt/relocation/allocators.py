@@ -102,10 +102,11 @@ class _NumpyAllocator(Allocator):
         self.rng = np.random.default_rng(seed)
 
     def state_dict(self):
-        return {"rng": self.rng.bit_generator.state}
+        return {"rng": self.rng.bit_generator.state, "seed": self.seed}
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]
+        self.seed = state["seed"]
 
 
 class ThompsonAllocator(_NumpyAllocator):

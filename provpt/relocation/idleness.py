@@ -105,7 +105,7 @@ def norm_scores(model) -> torch.Tensor:
     bank = model.prompts
     norms = bank.values.detach().float().norm(dim=1).cpu()
     sums = block_sums(norms, bank.block.cpu(), bank.num_blocks)
-    return -norms / sums[bank.block.cpu()].clamp_min(1e-12)
+    return (-norms / sums[bank.block.cpu()].clamp_min(1e-12)).float()
 
 
 def block_sums(scores: torch.Tensor, block: torch.Tensor, num_blocks: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ Runs on the CPU, samples from its own ``torch.Generator`` and creates its networ
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -21,6 +23,15 @@ import torch.nn.functional as F
 def mlp(dim_in: int, dim_out: int, hidden: int = 64) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                          nn.Linear(hidden, dim_out))
+
+
+def fp32(fn):
+    """Run ``fn`` outside any CPU autocast of the caller (a bf16 training loop must not leak in)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 class PPO:
@@ -47,11 +58,13 @@ class PPO:
         return F.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
+    @fp32
     def probs(self, state: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = torch.ones(self.num_actions, dtype=torch.bool) if mask is None else mask
         return self._log_probs(state.float(), mask).exp()
 
     @torch.no_grad()
+    @fp32
     def act(self, state: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
         """Sample an action (never argmax) and remember the transition; returns (action, probs)."""
         state = state.float()
@@ -74,6 +87,7 @@ class PPO:
         raise RuntimeError("PPO.reward: no action is waiting for a reward")
 
     # ------------------------------------------------------------------ learning
+    @fp32
     def update(self) -> float:
         """One PPO update on the rewarded transitions; returns the mean loss of the valid epochs."""
         batch = [t for t in self.buffer if t["reward"] is not None]
@@ -107,7 +121,7 @@ class PPO:
                     self.optimizer.zero_grad()
                     loss.backward()
                     self.optimizer.step()
-                    total, valid = total + float(loss), valid + 1
+                    total, valid = total + float(loss.detach()), valid + 1
         self.buffer = [t for t in self.buffer if t["reward"] is None]
         self.updates += 1
         return total / valid if valid else float("nan")

@@ -70,6 +70,7 @@ class Relocator:
             return []
         moving = self.moves_at(epoch)
         scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending))
+        reset_online(model)  # this epoch's training accumulates this epoch's gate gradients only
         self._settle(scores, loss)
         if not moving or scores is None:
             return []
