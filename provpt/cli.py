@@ -134,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not hasattr(args, "overrides"):
-        args.overrides = []
+    parser = build_parser()
+    # key=value overrides may come before or after options: argparse leaves the later ones over
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
         args.fn(args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
