@@ -37,6 +37,7 @@ data-deps:
 
 run: venv data-deps
 	$(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE) fmnist_dir=$(FMNIST_DIR)
+	$(VENV)/bin/snakemake --config profile=$(PROFILE) fmnist_dir=$(FMNIST_DIR) --report results/$(PROFILE)/report.html
 
 test: venv data-deps
 	$(PY) -m pytest -q

@@ -57,11 +57,12 @@ def load_profile(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back on itself")
     data = _read_yaml(path)
+    name = data.get("profile", path.stem)
     base = data.pop("base", None)
     if base:
         parent = load_profile(path.parent / base, _seen + (path.resolve(),))
         data = deep_merge(parent, data)
-    data.setdefault("profile", path.stem)
+    data["profile"] = name
     return data
 
 

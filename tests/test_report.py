@@ -123,6 +123,8 @@ def test_every_output_non_trivial(report):
             p = root / "tables" / f"{stem}.{ext}"
             assert p in tables and p.stat().st_size > 100, p
     assert "\\begin{tabular}" in (root / "tables" / "accuracy.tex").read_text()
+    curves = pd.read_csv(root / "tables" / "curves.csv")  # DVC's plot: one row per run and epoch
+    assert {"dataset", "method", "seed", "epoch", "acc"} <= set(curves.columns) and curves["epoch"].nunique() > 1
     assert "$\\pm$" in (root / "tables" / "accuracy.tex").read_text()
     assert (root / "tables" / "accuracy.md").read_text().count("\n|") >= 4
     expected = ["accuracy_by_method", "training_curves", "final_distributions"] + [

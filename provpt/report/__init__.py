@@ -66,6 +66,11 @@ def make_report(profile: dict, results: str | Path) -> dict:
     runs = collect_runs(root, "final", split)
     tables, skipped = write_tables(runs, collect_selections(root), groups, tables_dir, split)
     figures, skipped_fig = write_figures(runs, groups, figures_dir, split)
+    if not runs.empty:  # per-epoch curves of every final run: DVC's plots read this file
+        from .runs import load_histories, write_text
+
+        curves = load_histories(runs, split)
+        tables["curves"] = [write_text(tables_dir / "curves.csv", curves.to_csv(index=False))]
     studies, skipped_st = run_study_reports(root / "studies", tables_dir, figures_dir)
     return {"tables": tables, "figures": figures, "studies": studies,
             "skipped": {**skipped, **skipped_fig, **skipped_st}}

@@ -1,0 +1,342 @@
+"""The Snakemake workflow and the DVC pipeline.
+
+Fast tests (no torch): `snakemake --lint`, dry runs of every profile with their job counts (vtab1k
+and fgvc against generated fixture roots holding every dataset's split files and a dummy weights
+file), and the DAG-time errors for missing data and weights. Slow tests: the smoke profile end to
+end through Snakemake on a copy of the repository (every table and figure written and
+non-trivial), what reruns after re-timestamping or losing a run, the HTML report, and `dvc repro`.
+Everything runs on a copy of the repository in tmp_path, never in the checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+ENV.pop("SNAKEMAKE_PROFILE", None)
+
+VTAB = [
+    "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
+    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
+    "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele",
+]
+FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
+
+# Expected jobs. Search: one job per (dataset, method, lr), each training every weight decay.
+#   vtab1k: 7 methods; linear + 3 prompt methods x 8 lrs, full/lora/adapter x 4 lrs -> 44 lr jobs per
+#           dataset (x 4 wds = 176 runs); 3 seeds; studies: correlation 19 + timing 1 + adjustment 3
+#           per dataset, allocators 19 datasets x 3 seeds.
+#   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 3.
+#   mini:   7 tasks, 4 methods x 2 lrs x 1 wd, 3 seeds, the 4 studies on one task, pretraining.
+#   smoke:  2 tasks, the same grid, 1 seed.
+EXPECTED = {
+    "vtab1k": {"prepare": 19, "search_lr": 19 * 44, "select": 19 * 7, "final_run": 19 * 7 * 3,
+               "study": 19 + 1 + 3, "study_seed": 19 * 3, "report": 1, "all": 1},
+    "fgvc": {"prepare": 5, "search_lr": 5 * 44, "select": 5 * 7, "final_run": 5 * 7 * 3,
+             "study": 5 + 1 + 1, "study_seed": 5 * 3, "report": 1, "all": 1},
+    "mini": {"prepare": 7, "pretrain": 1, "search_lr": 7 * 4 * 2, "select": 7 * 4, "final_run": 7 * 4 * 3,
+             "study": 4, "report": 1, "all": 1},
+    "smoke": {"prepare": 2, "pretrain": 1, "search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4,
+              "study": 4, "report": 1, "all": 1},
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def copy_repo(dest: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored) copied to ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def snakemake(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "snakemake"), *args], repo, check=check)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The `Job stats` table of a dry run as {rule: count}."""
+    m = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal\s+\d+", output, re.S)
+    assert m, f"no job stats in:\n{output[-3000:]}"
+    return {rule: int(n) for rule, n in (line.split() for line in m.group(1).strip().splitlines())}
+
+
+def make_fixture_roots(root: Path) -> dict[str, Path]:
+    """Empty NOAH (19 tasks) and VPT-json (5 datasets) layouts with their split files, and a dummy
+    weights file: enough for the DAG."""
+    for task in VTAB:
+        for split in ("train800", "val200", "train800val200", "test"):
+            p = root / "vtab" / task / f"{split}.txt"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f"images/{split}/000000.jpg 0\n")
+    for name in FGVC:
+        for split in ("train", "val", "test"):
+            p = root / "fgvc" / name / f"{split}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"images/0.jpg": 0}))
+    (root / "ViT-B_16.npz").write_bytes(b"not a real checkpoint")
+    return {"vtab": root / "vtab", "fgvc": root / "fgvc", "weights": root / "ViT-B_16.npz"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, Path]:
+    return make_fixture_roots(tmp_path_factory.mktemp("raw"))
+
+
+def paths_config(profile: str, roots: dict) -> list[str]:
+    if profile in ("vtab1k", "fgvc"):
+        src = roots["vtab" if profile == "vtab1k" else "fgvc"]
+        return [f"profile={profile}", f"source={src}", f"weights={roots['weights']}"]
+    return [f"profile={profile}"]
+
+
+# ----------------------------------------------------------------------------- fast: the DAG
+
+
+def test_lint(repo):
+    proc = snakemake(repo, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("profile", ["vtab1k", "fgvc", "mini", "smoke"])
+def test_dry_run_job_counts(repo, roots, profile):
+    t0 = time.perf_counter()
+    proc = snakemake(repo, "-n", "--config", *paths_config(profile, roots))
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts == EXPECTED[profile]
+    print(f"{profile}: {sum(counts.values())} jobs, dry run with job listing {time.perf_counter() - t0:.2f} s")
+
+
+def test_vtab1k_dry_run_time(repo, roots):
+    """Acceptance: the full vtab1k dry run takes < 5 s. Measured and printed, not asserted (shared
+    CI machines vary)."""
+    t0 = time.perf_counter()
+    snakemake(repo, "-n", "-q", "--config", *paths_config("vtab1k", roots))
+    print(f"vtab1k dry run: {time.perf_counter() - t0:.2f} s")
+
+
+def test_profiles_valid_and_run_config_loads(repo):
+    """Every profile merges, and its train section is a valid provpt RunConfig for every method."""
+    sys.path.insert(0, str(repo))
+    try:
+        from provpt.config import RunConfig, apply_overrides, load_profile
+
+        for name in ("mini", "smoke", "vtab1k", "fgvc"):
+            prof = load_profile(repo / "params" / f"{name}.yaml")
+            for method in prof["methods"]:
+                per = (prof.get("train_by_method") or {}).get(method, {})
+                RunConfig.from_dict(apply_overrides(apply_overrides(prof["train"], per), {"method": method}), name)
+    finally:
+        sys.path.remove(str(repo))
+
+
+@pytest.mark.parametrize("profile,missing,key", [
+    ("vtab1k", "source", "data.source"),
+    ("vtab1k", "weights", "train.weights"),
+    ("fgvc", "source", "data.source"),
+    ("fgvc", "weights", "train.weights"),
+])
+def test_missing_path_is_a_clear_error(repo, roots, tmp_path, profile, missing, key):
+    cfg = [c for c in paths_config(profile, roots) if not c.startswith(f"{missing}=")]
+    cfg.append(f"{missing}={tmp_path / 'nowhere'}")
+    proc = snakemake(repo, "-n", "--config", *cfg, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert key in out and str(tmp_path / "nowhere") in out and f"--config {missing}=" in out, out[-2000:]
+
+
+def test_missing_task_folder_is_named(repo, roots, tmp_path):
+    src = tmp_path / "vtab"
+    shutil.copytree(roots["vtab"], src)
+    shutil.rmtree(src / "dmlab")
+    proc = snakemake(repo, "-n", "--config", "profile=vtab1k", f"source={src}", f"weights={roots['weights']}",
+                     check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "data.source" in out and "dmlab/train800.txt" in out, out[-2000:]
+
+
+def test_unknown_config_key_and_profile(repo):
+    for cfg, words in ((["foo=1"], ["foo", "unknown"]), (["profile=nope"], ["params/nope.yaml", "not found"])):
+        proc = snakemake(repo, "-n", "--config", *cfg, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and all(w in out for w in words), out[-2000:]
+
+
+def test_config_override_reaches_the_commands(repo):
+    """A --config override of a profile section is merged and the jobs read the merged profile."""
+    proc = snakemake(repo, "final", "-n", "-p", "--config", "profile=smoke", "train={epochs: 3}")
+    assert "--profile results/smoke/profile.yaml" in proc.stdout
+    merged = yaml.safe_load((repo / "results/smoke/profile.yaml").read_text())
+    assert merged["train"]["epochs"] == 3 and merged["profile"] == "smoke"
+    shutil.rmtree(repo / "results")
+
+
+# ----------------------------------------------------------------------------- slow: end to end
+
+TABLES = ["accuracy", "accuracy_long", "published", "significance", "selection"]
+STUDY_PREFIXES = ["correlation", "timing", "adjustment", "allocators"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """A copy of the repository where the smoke profile ran end to end through Snakemake."""
+    repo = copy_repo(tmp_path_factory.mktemp("smoke"))
+    t0 = time.perf_counter()
+    snakemake(repo, "--cores", "2", "--config", "profile=smoke")
+    print(f"smoke profile end to end: {time.perf_counter() - t0:.0f} s")
+    return repo
+
+
+def _nothing_to_do(repo: Path) -> bool:
+    proc = snakemake(repo, "-n", "--config", "profile=smoke")
+    return "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_every_table_and_figure(smoke):
+    tables, figures = smoke / "results/smoke/tables", smoke / "results/smoke/figures"
+    csvs = sorted(tables.glob("*.csv"))
+    stems = {p.stem for p in csvs}
+    assert set(TABLES) <= stems, sorted(stems)
+    for prefix in STUDY_PREFIXES:
+        assert any(s.startswith(prefix) for s in stems), f"no {prefix} table in {sorted(stems)}"
+    for csv in csvs:
+        lines = csv.read_text().strip().splitlines()
+        assert len(lines) >= 2 and len(lines[0].split(",")) >= 2, f"{csv.name}: {lines[:3]}"
+        for ext in (".md", ".tex"):
+            twin = csv.with_suffix(ext)
+            assert twin.is_file() and twin.stat().st_size > 50, twin
+    summary = json.loads((tables / "summary.json").read_text())
+    assert summary["methods"], summary
+
+    pngs = sorted(figures.glob("*.png"))
+    names = {p.stem for p in pngs}
+    for prefix in ["accuracy_by_method", "training_curves", "final_distributions", "distribution_over_epochs",
+                   *STUDY_PREFIXES]:
+        assert any(n.startswith(prefix) for n in names), f"no {prefix} figure in {sorted(names)}"
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
+        pdf = png.with_suffix(".pdf")
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2000, pdf
+
+
+@pytest.mark.slow
+def test_smoke_html_report(smoke):
+    snakemake(smoke, "--config", "profile=smoke", "--report", "report.html")
+    html = (smoke / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000 and "accuracy" in html
+
+
+@pytest.mark.slow
+def test_smoke_timestamps_do_not_rerun(smoke):
+    """`dvc pull`/checkout re-dates files: nothing reruns (checksums of the inputs, recorded in
+    Snakemake's metadata); in a workspace without that metadata (a fresh clone), after the
+    documented `snakemake --touch`."""
+    assert _nothing_to_do(smoke)
+    files = [p for d in ("data", "results") for p in (smoke / d).rglob("*") if p.is_file()]
+    rng = random.Random(0)
+
+    def redate():  # random order of modification times, inputs newer than outputs included
+        now = time.time()
+        for p in files:
+            t = now - rng.uniform(0, 3600)
+            os.utime(p, (t, t))
+
+    redate()
+    assert _nothing_to_do(smoke)
+    shutil.move(smoke / ".snakemake", smoke / "snakemake-metadata")
+    try:
+        redate()
+        proc = snakemake(smoke, "-n", "--config", "profile=smoke")
+        assert "snakemake --touch" in proc.stderr  # the hint
+        snakemake(smoke, "--touch", "--cores", "1", "--config", "profile=smoke")
+        assert _nothing_to_do(smoke)
+    finally:
+        shutil.rmtree(smoke / ".snakemake", ignore_errors=True)
+        shutil.move(smoke / "snakemake-metadata", smoke / ".snakemake")
+
+
+@pytest.mark.slow
+def test_smoke_profile_edits_rerun_what_they_touch(smoke):
+    """Editing the profile reruns the jobs it concerns and everything downstream, nothing else."""
+    cases = [
+        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * 4, "report": 1, "all": 1}),
+        ("train={epochs: 3}", {"search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4, "study": 4,
+                               "report": 1, "all": 1}),
+    ]
+    try:
+        for override, expected in cases:
+            proc = snakemake(smoke, "-n", "--config", "profile=smoke", override)
+            assert job_counts(proc.stdout) == expected, override
+    finally:
+        (smoke / "results/smoke/profile.yaml").unlink(missing_ok=True)
+    assert _nothing_to_do(smoke)
+
+
+@pytest.mark.slow
+def test_smoke_lost_run_is_redone_alone(smoke):
+    """A finished run that lost its metrics.json is the only training job to rerun (with the
+    report forced, as docs/pipeline.md says); it resumes its folder from the last checkpoint and
+    ends with the same metrics."""
+    victim = smoke / "results/smoke/runs/final/count/pro-vpt/seed18/metrics.json"
+    before = json.loads(victim.read_text())
+    victim.unlink()
+    assert _nothing_to_do(smoke)  # Snakemake semantics: the report is there, nothing asks for the run
+    counts = job_counts(snakemake(smoke, "-n", "--forcerun", "report", "--config", "profile=smoke").stdout)
+    assert counts == {"final_run": 1, "report": 1, "all": 1}
+    snakemake(smoke, "--cores", "2", "--forcerun", "report", "--config", "profile=smoke")
+    after = json.loads(victim.read_text())
+    assert after["eval"] == before["eval"] and after["distribution"] == before["distribution"]
+    assert _nothing_to_do(smoke)
+
+
+@pytest.mark.slow
+def test_dvc_repro(smoke):
+    """`dvc repro` on the smoke copy: the stages run the Snakemake targets (which find the runs
+    done and rebuild the report), cache the outputs; a second `dvc repro` does nothing."""
+    params = smoke / "params/repro.yaml"
+    params.write_text(params.read_text().replace("profile: mini", "profile: smoke"))
+    run(["git", "init", "-q"], smoke)
+    dvc = str(BIN / "dvc")
+    first = run([dvc, "repro"], smoke)
+    assert "Running stage 'report'" in first.stdout, first.stdout[-3000:]
+    assert (smoke / "dvc.lock").is_file()
+    second = run([dvc, "repro"], smoke)
+    assert "Running stage" not in second.stdout, second.stdout[-3000:]
+    assert "up to date" in second.stdout.lower() or "didn't change" in second.stdout, second.stdout[-3000:]
+    status = run([dvc, "status"], smoke)
+    assert "up to date" in status.stdout.lower(), status.stdout
+    metrics = run([dvc, "metrics", "show", "--json"], smoke)
+    assert "summary.json" in metrics.stdout, metrics.stdout[-2000:]

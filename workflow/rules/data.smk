@@ -1,0 +1,18 @@
+# Decode and resize every image once into uint8 arrays (mini/smoke: generate the images first).
+
+
+rule prepare:
+    output:
+        MANIFEST,
+    params:
+        profile=PROFILE_FILE,
+        cfg=DIGEST["data"],
+    threads: RESOURCES["prepare"].get("threads", 1)
+    resources:
+        **job_resources("prepare"),
+    log:
+        f"{LOGS}/prepare/{{dataset}}.log",
+    conda:
+        "../envs/provpt.yaml"
+    shell:
+        "provpt prepare --profile {params.profile} --dataset {wildcards.dataset} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# mini/smoke only: pretrain the tiny ViT on Fashion-MNIST within a wall-clock budget.
+
+if BACKBONE:
+
+    rule pretrain:
+        output:
+            BACKBONE,
+        params:
+            profile=PROFILE_FILE,
+            cfg=DIGEST["data"],
+        threads: RESOURCES["pretrain"].get("threads", 2)
+        resources:
+            **job_resources("pretrain"),
+        log:
+            f"{LOGS}/pretrain.log",
+        benchmark:
+            f"{BENCH}/pretrain.tsv"
+        conda:
+            "../envs/provpt.yaml"
+        shell:
+            "provpt pretrain --profile {params.profile} --out {output} pretrain.threads={threads}"
+            " > {log} 2>&1"
