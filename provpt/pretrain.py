@@ -1,6 +1,6 @@
 """Pretrain the embedded profile's small ViT on Fashion-MNIST, within a wall-clock budget.
 
-Recipe (../shared/EMBEDDED-FINDINGS.md): the 60k training images zero-padded to the model's input
+Recipe (from our embedded-benchmark experiments): the 60k training images zero-padded to the model's input
 size, replicated to 3 channels, normalised with mean = std = 0.5; ±2 px translation (one offset per
 batch) and a horizontal flip per sample; AdamW, label smoothing 0.1; linear warmup then cosine decay
 over the *elapsed training time* (or over ``max_steps``), with a hard stop at the budget. A linear
@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +66,9 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
 
     The schedule runs over ``max_steps`` optimiser steps when given (then the result depends only on
     the seed, and ``budget_s``, if set, is only a hard stop), else over ``budget_s`` seconds of
-    training (then a slower or busier machine trains for fewer steps). Saves the backbone (no head) to ``out`` with
-    :func:`save_backbone` and a summary to ``out`` with suffix ``.json``; returns the summary.
+    training (then a slower or busier machine trains for fewer steps). Saves the backbone (no head)
+    to ``out`` with :func:`save_backbone` and a summary to ``out`` with suffix ``.json`` (upstream
+    test accuracy, steps, images seen, seconds, settings); returns the summary.
     """
     if budget_s is None and max_steps is None:
         raise ValueError("pretrain: give budget_s or max_steps (or both)")
@@ -140,6 +142,7 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
             "backbone": backbone, "backbone_kwargs": dict(backbone_kwargs),
             "upstream": "fashion-mnist", "upstream_test_acc": acc,
             "steps": step, "images_seen": seen, "epochs": seen / n,
+            "stopped_by": "max_steps" if max_steps and step >= max_steps else "budget_s",
             "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2),
             "images_per_s": round(seen / max(train_s, 1e-9), 1),
             "final_train_loss": sum(last) / max(len(last), 1),
@@ -148,7 +151,7 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
             "label_smoothing": label_smoothing, "norm": "vtab", "augment": f"translate±{SHIFT}px+hflip",
             "weights": out.name, "weights_sha256": file_sha256(out),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "timm": timm.__version__,
         }
         tmp = out.with_name(f".{out.stem}.json.tmp")
         tmp.write_text(json.dumps(summary, indent=1) + "\n")

@@ -16,6 +16,7 @@ bytes. Each split draws from its own sources (digits, Fashion-MNIST items) so sp
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -50,9 +51,10 @@ MINI_TASKS: "OrderedDict[str, tuple[str, int]]" = OrderedDict(
 )
 DESCRIPTIONS = {
     "digits": "scikit-learn 8x8 digit enlarged to 24-28 px, centred ±2 px, bright tint on a dark background",
-    "photos": "which of 10 scikit-image photographs a luminance crop (random scale, flip, tint, contrast) is from",
+    "photos": "which of 10 scikit-image photographs a luminance crop (50-90% of the shorter side, any of the 8 "
+              "flips/quarter turns, random tint and contrast) is from",
     "textures": "brick, grass, gravel crops and plaid, rings, pinwheel, zigzag, blob patterns, tinted",
-    "count": "number of Fashion-MNIST test items (1-6) on a 3x3 grid with jitter",
+    "count": "number of Fashion-MNIST test items (1-6, 9-11 px) in distinct cells of a 3x3 grid, ±1 px jitter",
     "xpos": "x position (8 bins) of one Fashion-MNIST test item at a random height",
     "rot": "rotation (8 classes of 45°, ±15° jitter) of one Fashion-MNIST test item",
     "size": "size (6 classes of the item's longer side, 7-9 to 27-29 px) of one Fashion-MNIST test item",
@@ -91,6 +93,7 @@ def load_fashion_mnist(fmnist_dir=DEFAULT_FMNIST_DIR, split: str = "train") -> t
     return arrays[0], arrays[1]
 
 
+@functools.lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
     """A scikit-image bundled photograph as float luminance in [0, 1]."""
     import skimage.data
@@ -108,7 +111,7 @@ def _resize(a: np.ndarray, h: int, w: int | None = None) -> np.ndarray:
     """Float image resized with PIL (antialiased bilinear)."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(a.astype(np.float32), mode="F").resize((w or h, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a, dtype=np.float32)).resize((w or h, h), Image.BILINEAR))
 
 
 def _colours(rng) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +133,8 @@ def _balanced(rng, n: int, k: int) -> np.ndarray:
 
 
 def _item(img28: np.ndarray, side: float, angle: float = 0.0) -> np.ndarray:
-    """A Fashion-MNIST item as alpha, rotated, cropped to its box, longer side scaled to ``side`` px."""
+    """A Fashion-MNIST item as alpha, rotated, cropped to its box, longer side scaled to ``side`` px, and
+    brightened (peak scaled to 1.5, clipped) so that dim items still stand out."""
     from PIL import Image
 
     a = Image.fromarray(np.pad(img28, 8))  # room to rotate without clipping
@@ -140,7 +144,8 @@ def _item(img28: np.ndarray, side: float, angle: float = 0.0) -> np.ndarray:
     ys, xs = np.nonzero(a > 0.1)
     a = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     scale = side / max(a.shape)
-    return np.clip(_resize(a, max(1, round(a.shape[0] * scale)), max(1, round(a.shape[1] * scale))), 0, 1)
+    a = _resize(a, max(1, round(a.shape[0] * scale)), max(1, round(a.shape[1] * scale)))
+    return np.clip(1.5 * a / max(float(a.max()), 1e-6), 0, 1)
 
 
 def _paste(canvas: np.ndarray, a: np.ndarray, cy: float, cx: float) -> None:
@@ -176,9 +181,9 @@ def _photos(rng, n, ctx):
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for j, k in enumerate(labels):
         p = photos[k]
-        c = int(rng.integers(40, min(p.shape) // 3 + 1))
+        c = int(rng.uniform(0.5, 0.9) * min(p.shape))
         y, x = rng.integers(0, p.shape[0] - c + 1), rng.integers(0, p.shape[1] - c + 1)
-        a = _resize(p[y:y + c, x:x + c], 2 * SIZE)
+        a = np.rot90(_resize(p[y:y + c, x:x + c], 2 * SIZE), int(rng.integers(4)))
         if rng.random() < 0.5:
             a = a[:, ::-1]
         a = (a - a.mean()) * rng.uniform(0.7, 1.5) + rng.uniform(0.35, 0.65)
@@ -228,7 +233,8 @@ def _textures(rng, n, ctx):
 
 
 def _canvas(rng, ctx, placements) -> tuple[np.ndarray, list[int]]:
-    """Fashion-MNIST items (side px, centre y, centre x, angle; output scale) drawn at 2x, then pooled."""
+    """Random items of the split's pool placed as ``(side, centre y, centre x, angle)`` (output pixels,
+    degrees), drawn at twice the size and average-pooled."""
     a = np.zeros((2 * SIZE, 2 * SIZE), np.float32)
     used = []
     for side, cy, cx, angle in placements:
@@ -238,10 +244,10 @@ def _canvas(rng, ctx, placements) -> tuple[np.ndarray, list[int]]:
     return _finish(a, rng, 0.02), used
 
 
-def _structured(draw):
-    """Wrap ``draw(rng, label) -> placements`` into a task of Fashion-MNIST test items."""
+def _structured(draw, name: str):
+    """Wrap ``draw(rng, label) -> placements`` into the task ``name`` of Fashion-MNIST test items."""
 
-    def task(rng, n, ctx, name):
+    def task(rng, n, ctx):
         labels = _balanced(rng, n, MINI_TASKS[name][1])
         out = np.empty((n, SIZE, SIZE, 3), np.uint8)
         used = set()
@@ -256,7 +262,7 @@ def _structured(draw):
 def _count(rng, k):
     cell = SIZE / 3
     cells = rng.choice(9, k + 1, replace=False)
-    return [(rng.uniform(8, 10), cell * (c // 3 + 0.5) + rng.uniform(-1, 1), cell * (c % 3 + 0.5) + rng.uniform(-1, 1), 0)
+    return [(rng.uniform(9, 11), cell * (c // 3 + 0.5) + rng.uniform(-1, 1), cell * (c % 3 + 0.5) + rng.uniform(-1, 1), 0)
             for c in cells]
 
 
@@ -276,8 +282,8 @@ def _size(rng, k):
     return [(side, rng.uniform(side / 2, SIZE - side / 2), rng.uniform(side / 2, SIZE - side / 2), 0)]
 
 
-TASKS = {"digits": _digits, "photos": _photos, "textures": _textures,
-         "count": _structured(_count), "xpos": _structured(_xpos), "rot": _structured(_rot), "size": _structured(_size)}
+TASKS = {"digits": _digits, "photos": _photos, "textures": _textures, "count": _structured(_count, "count"),
+         "xpos": _structured(_xpos, "xpos"), "rot": _structured(_rot, "rot"), "size": _structured(_size, "size")}
 STRUCTURED = ("count", "xpos", "rot", "size")
 
 
@@ -348,8 +354,7 @@ def generate(out_root, fmnist_dir=DEFAULT_FMNIST_DIR, seed: int = 0, sizes: dict
         provenance, lines = {}, {}
         for i, (split, ctx) in enumerate(_sources(task, seed, sizes, fmnist).items()):
             rng = np.random.default_rng([seed, zlib.crc32(task.encode()), i])
-            args = (task,) if task in STRUCTURED else ()
-            images, labels, provenance[split] = TASKS[task](rng, sizes[split], ctx, *args)
+            images, labels, provenance[split] = TASKS[task](rng, sizes[split], ctx)
             (tmp / "images" / split).mkdir(parents=True)
             lines[split] = []
             for j, (img, label) in enumerate(zip(images, labels)):
@@ -365,7 +370,12 @@ def generate(out_root, fmnist_dir=DEFAULT_FMNIST_DIR, seed: int = 0, sizes: dict
             old = out_root / f".{task}.{os.getpid()}.old"
             os.replace(folder, old)
             shutil.rmtree(old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same task first
+            if not _is_complete(folder, spec):
+                raise
+            shutil.rmtree(tmp)
     return tasks
 
 
