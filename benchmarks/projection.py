@@ -72,23 +72,25 @@ def evaluations(epochs: int, every: int) -> int:
     return epochs // every + (epochs % every != 0)
 
 
+def grid_size(search: dict, method: str) -> int:
+    own = (search.get("by_method") or {}).get(method, {})
+    return len(own.get("lr", search["lr"])) * len(own.get("weight_decay", search["weight_decay"]))
+
+
 def work(prof: dict, last_only: bool = False) -> dict:
-    """stage -> method -> (runs, training images, evaluation images, epochs); ``last_only``: as if every run
-    evaluated once, at its last epoch (all the protocol reads: last-epoch val / test accuracy)."""
-    s, train = prof["search"], prof["train"]
-    out = {}
-    for stage, runs_of in (("search", lambda m: len((s.get("by_method") or {}).get(m, {}).get("lr", s["lr"]))
-                            * len((s.get("by_method") or {}).get(m, {}).get("weight_decay", s["weight_decay"]))),
-                           ("final", lambda m: len(prof["seeds"]))):
-        over = {**train, **(prof[stage].get("overrides") or {})}
+    """stage -> method -> (runs, training images, evaluation images, epochs), summed over datasets.
+    ``last_only``: as if every run evaluated once, at its last epoch (all the protocol reads:
+    last-epoch val / test accuracy)."""
+    per_dataset = {"search": lambda m: grid_size(prof["search"], m), "final": lambda m: len(prof["seeds"])}
+    datasets, out = prof["datasets"], {}
+    for stage, runs_of in per_dataset.items():
+        over = {**prof["train"], **(prof[stage].get("overrides") or {})}
         epochs = int(over["epochs"])
         evals = 1 if last_only else evaluations(epochs, int(over.get("eval_every", 1)))
-        out[stage] = {}
-        for m in prof["methods"]:
-            n_tr = sum(split_size(prof, d, prof[stage]["train_split"]) for d in prof["datasets"])
-            n_ev = sum(split_size(prof, d, prof[stage]["eval_split"]) for d in prof["datasets"])
-            k = runs_of(m)
-            out[stage][m] = (k * len(prof["datasets"]), k * epochs * n_tr, k * evals * n_ev, k * len(prof["datasets"]) * epochs)
+        n_tr = sum(split_size(prof, d, prof[stage]["train_split"]) for d in datasets)
+        n_ev = sum(split_size(prof, d, prof[stage]["eval_split"]) for d in datasets)
+        out[stage] = {m: (runs_of(m) * len(datasets), runs_of(m) * epochs * n_tr, runs_of(m) * evals * n_ev,
+                          runs_of(m) * len(datasets) * epochs) for m in prof["methods"]}
     return out
 
 

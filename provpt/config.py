@@ -157,6 +157,7 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16
     compile: bool = False
     eval_every: int = 1
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (the last epoch always)
     save_at: list = field(default_factory=list)  # fractions of training at which to keep a checkpoint copy
     progress: bool = True
     out: str = "results/run"
@@ -216,7 +217,7 @@ class RunConfig:
             bad("device", self.device, "auto, cpu, cuda or cuda:N")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", self.precision, "auto, fp32 or bf16")
-        for key in ("epochs", "batch_size"):
+        for key in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, getattr(self, key), "an integer >= 1")
         for key in ("num_prompts", "threads", "warmup_epochs", "lora_rank", "adapter_dim"):

@@ -100,13 +100,14 @@ class TaskData:
                     x = x.flip(-1)
             else:
                 x = x[..., room // 2:room // 2 + self.crop, room // 2:room // 2 + self.crop]
-        return (x - self.mean) / self.std, labels[idx]
+        return x.sub_(self.mean).div_(self.std), labels[idx]
 
     def batches(self, split: str, batch_size: int, order: torch.Tensor | None = None, train=False, gen=None):
         n = len(self.splits[split][1])
-        order = torch.arange(n) if order is None else order
+        device = self.splits[split][1].device
+        order = (torch.arange(n) if order is None else order).to(device)  # one copy, no per-batch sync
         for s in range(0, n, batch_size):
-            yield self.batch(split, order[s:s + batch_size].to(self.splits[split][1].device), train, gen)
+            yield self.batch(split, order[s:s + batch_size], train, gen)
 
 
 def make_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
@@ -137,7 +138,7 @@ def save_epochs(cfg: RunConfig) -> set[int]:
 def train_epoch(model, data: TaskData, cfg: RunConfig, optimizer, epoch: int, autocast):
     """One pass over the training split; metrics accumulate on the device (one sync at the end)."""
     model.train()
-    params = [p for _, p in trainable_parameters(model)]
+    params = [p for _, p in trainable_parameters(getattr(model, "_orig_mod", model))]  # compiled: the gates stay out
     n = len(data.splits[cfg.train_split][1])
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(n, generator=gen)
@@ -248,11 +249,12 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
         history.append({"epoch": epoch, "lr": lr_at(cfg, epoch), **stats, "eval": evals,
                         "distribution": model.distribution(), "moves": len(moves),
                         "time_s": {"relocation": t1 - t0, "train": t2 - t1, "eval": t3 - t2}})
-        ck = checkpoint(epoch + 1)
-        save_atomic(ck, out / CHECKPOINT)
-        if epoch + 1 in keep:
-            (out / "checkpoints").mkdir(exist_ok=True)
-            save_atomic(ck, out / "checkpoints" / f"epoch{epoch + 1:03d}.pt")
+        if (epoch + 1) % cfg.checkpoint_every == 0 or last or epoch + 1 in keep:
+            ck = checkpoint(epoch + 1)
+            save_atomic(ck, out / CHECKPOINT)
+            if epoch + 1 in keep:
+                (out / "checkpoints").mkdir(exist_ok=True)
+                save_atomic(ck, out / "checkpoints" / f"epoch{epoch + 1:03d}.pt")
         write_logs(out, history, relocator)
         if evals:
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}",
