@@ -235,7 +235,7 @@ def test_smoke_every_table_and_figure(smoke):
     for csv in csvs:
         lines = csv.read_text().strip().splitlines()
         assert len(lines) >= 2 and len(lines[0].split(",")) >= 2, f"{csv.name}: {lines[:3]}"
-        for ext in (".md", ".tex"):
+        for ext in (".md", ".tex") if csv.stem != "curves" else ():  # curves.csv: DVC's plot data only
             twin = csv.with_suffix(ext)
             assert twin.is_file() and twin.stat().st_size > 50, twin
     summary = json.loads((tables / "summary.json").read_text())
