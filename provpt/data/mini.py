@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -170,7 +169,9 @@ def _digits(rng, n, ctx):
     for j, i in enumerate(idx):
         s = int(rng.integers(24, 29))
         a = np.zeros((SIZE, SIZE), np.float32)
-        _paste(a, np.clip(_resize(d.images[i] / 16.0, s), 0, 1), SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2))
+        digit = np.clip(_resize(d.images[i] / 16.0, s), 0, 1)
+        cy = SIZE / 2 + rng.uniform(-2, 2)
+        _paste(a, digit, cy, SIZE / 2 + rng.uniform(-2, 2))
         out[j] = _finish(a, rng, 0.03, pool=1)
     return out, d.target[idx].astype(np.int64), {"source": "sklearn.datasets.load_digits", "indices": idx.tolist()}
 
@@ -262,8 +263,8 @@ def _structured(draw, name: str):
 def _count(rng, k):
     cell = SIZE / 3
     cells = rng.choice(9, k + 1, replace=False)
-    return [(rng.uniform(9, 11), cell * (c // 3 + 0.5) + rng.uniform(-1, 1), cell * (c % 3 + 0.5) + rng.uniform(-1, 1), 0)
-            for c in cells]
+    return [(rng.uniform(9, 11), cell * (c // 3 + 0.5) + rng.uniform(-1, 1),
+             cell * (c % 3 + 0.5) + rng.uniform(-1, 1), 0) for c in cells]
 
 
 def _xpos(rng, k):
@@ -364,8 +365,7 @@ def generate(out_root, fmnist_dir=DEFAULT_FMNIST_DIR, seed: int = 0, sizes: dict
         lines["train800val200"] = lines["train800"] + lines["val200"]
         for split, ls in lines.items():
             (tmp / f"{split}.txt").write_text("".join(ls))
-        digest = hashlib.sha256("".join(lines["train800val200"] + lines["test"]).encode()).hexdigest()
-        (tmp / "mini.json").write_text(json.dumps({**spec, "lines_sha256": digest, "provenance": provenance}) + "\n")
+        (tmp / "mini.json").write_text(json.dumps({**spec, "provenance": provenance}) + "\n")
         if folder.exists():  # stale (other seed, sizes or version): swap it out
             old = out_root / f".{task}.{os.getpid()}.old"
             os.replace(folder, old)
