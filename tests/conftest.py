@@ -81,3 +81,42 @@ def fgvc_splits() -> dict:
 @pytest.fixture
 def image_writer():
     return write_image
+
+
+# ----------------------------------------------------------------------------- training fixtures
+
+TOY_SIZES = {"train800": 48, "val200": 24, "train800val200": 72, "test": 24}
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A prepared 3-class 16 px task ``toy`` (class = dominant colour channel + noise)."""
+    from PIL import Image
+
+    from provpt.data.cache import prepare_vtab_task
+
+    src, cache = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(0)
+    for split, n in TOY_SIZES.items():
+        lines = []
+        for i in range(n):
+            img = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+            img[..., i % 3] += 100
+            path = src / "toy" / "images" / split / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+            lines.append(f"images/{split}/{i:06d}.png {i % 3}")
+        (src / "toy" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    prepare_vtab_task(src, "toy", cache, size=16, num_classes=3, group="natural", progress=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: more threads only oversubscribe a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

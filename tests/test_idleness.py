@@ -12,12 +12,7 @@ from provpt.relocation.idleness import (block_sums, norm_scores, online_scores, 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny tensors: threads only oversubscribe a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(dropout=0.0, dtype=torch.float32, seed=0, std=1e-3):

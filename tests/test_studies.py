@@ -12,35 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from provpt.config import ConfigError, RunConfig
-from provpt.data.cache import prepare_vtab_task
 from provpt.model.backbone import create_backbone
 from provpt.model.prompted_vit import PromptedViT
 from provpt.relocation.idleness import taylor_pass, true_idleness
 from provpt.studies import adjustment, allocators, correlation, parse_overrides, run_config, timing
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
-SIZES = {"train800": 48, "val200": 24, "train800val200": 48, "test": 24}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """A 3-class task (class = dominant colour channel + noise), prepared into the cache."""
-    from PIL import Image
-
-    src, cache = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(0)
-    for split, n in SIZES.items():
-        lines = []
-        for i in range(n):
-            img = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
-            img[..., i % 3] += 100
-            path = src / "toy" / "images" / split / f"{i:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(path)
-            lines.append(f"images/{split}/{i:06d}.png {i % 3}")
-        (src / "toy" / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    prepare_vtab_task(src, "toy", cache, size=16, num_classes=3, group="natural", progress=False)
-    return cache
+@pytest.fixture
+def root(toy_root) -> Path:
+    return toy_root
 
 
 def profile_for(root: Path, **train) -> dict:

@@ -1,42 +1,14 @@
 """The training loop end to end on a tiny prepared task: files, determinism, resume, PRO-VPT wiring."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from provpt.cli import main as cli
 from provpt.config import RunConfig
-from provpt.data.cache import prepare_vtab_task
 from provpt.train import run
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
-SIZES = {"train800": 48, "val200": 24, "train800val200": 72, "test": 24}
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    """A 3-class task (class = dominant colour channel + noise), prepared into the cache."""
-    from PIL import Image
-
-    src, cache = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(0)
-    for split, n in SIZES.items():
-        lines = []
-        for i in range(n):
-            label = i % 3
-            img = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
-            img[..., label] += 100
-            path = src / "toy" / "images" / split / f"{i:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(path)
-            lines.append(f"images/{split}/{i:06d}.png {label}")
-        (src / "toy" / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    prepare_vtab_task(src, "toy", cache, size=16, num_classes=3, group="natural", progress=False)
-    return cache
-
-
 def cfg_for(root, out, **kw) -> RunConfig:
     base = dict(dataset="toy", data_root=str(root), backbone="vit_tiny_patch16_224", backbone_kwargs=KW,
                 method="vpt-deep", num_prompts=2, epochs=3, batch_size=16, lr=0.5, weight_decay=1e-4,
