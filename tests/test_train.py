@@ -9,6 +9,8 @@ from provpt.config import RunConfig
 from provpt.train import run
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+
+
 def cfg_for(root, out, **kw) -> RunConfig:
     base = dict(dataset="toy", data_root=str(root), backbone="vit_tiny_patch16_224", backbone_kwargs=KW,
                 method="vpt-deep", num_prompts=2, epochs=3, batch_size=16, lr=0.5, weight_decay=1e-4,
