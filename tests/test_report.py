@@ -1,9 +1,11 @@
 """provpt.report on synthetic run folders with known accuracies."""
 
 import json
+import re
+import subprocess
 import sys
-import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,9 +13,11 @@ import pytest
 from matplotlib.image import imread
 from scipy import stats as sps
 
-from provpt.report import make_report
+from provpt.config import STUDIES, ConfigError
+from provpt.report import STUDY_REPORTS, make_report
 from provpt.report.runs import ReportError, collect_runs, load_histories
-from provpt.report.tables import benchmark_means, load_published, published_table
+from provpt.report.tables import benchmark_means, load_published, published_table, write_table
+from provpt.report.timing import benchmark_table, read_benchmarks
 
 GROUPS = {"natural": ["cifar", "dtd"], "specialized": ["eurosat"], "structured": ["clevr_count"]}
 PROFILE = {"profile": "toy", "groups": GROUPS, "final": {"eval_split": "test"}}
@@ -191,16 +195,90 @@ def test_corrupt_metrics_names_the_file(tmp_path):
 def test_no_provpt_and_study_hook(tmp_path, monkeypatch):
     root = make_results(tmp_path / "toy", methods=("linear", "vpt-deep"), tasks=("cifar",))
     called = []
-    study = types.ModuleType("provpt.studies.fakestudy")
-    study.report = lambda d, t, f: called.append((d.name, t.name, f.name)) or ["x"]
-    monkeypatch.setitem(sys.modules, "provpt.studies.fakestudy", study)
-    for name in ("fakestudy", "nosuchstudy"):
+    monkeypatch.setitem(STUDY_REPORTS, "fakestudy",
+                        lambda d, t, f: called.append((d.name, t.name, f.name)) or ["x"])
+    for name in ("fakestudy", "notinprofile", "correlation"):
         (root / "studies" / name).mkdir(parents=True)
+    monkeypatch.setitem(STUDY_REPORTS, "correlation", lambda d, t, f: pytest.fail("not in the profile"))
+    profile = {**PROFILE, "studies": {"fakestudy": {"datasets": ["cifar"]}, "timing": None}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = make_report(PROFILE, root)
+        out = make_report(profile, root)
     assert "distribution_figures" in out["skipped"] and not any("distribution" in k for k in out["figures"])
+    # the profile's studies with a folder are reported; folders of other studies are ignored
     assert called == [("fakestudy", "tables", "figures")] and out["studies"] == {"fakestudy": ["x"]}
-    assert "study:nosuchstudy" in out["skipped"]
+    assert "study:timing" in out["skipped"] and not any("notinprofile" in k or "correlation" in k for k in out["skipped"])
     sig = pd.read_csv(root / "tables" / "significance.csv")
     assert sig["wilcoxon_p"].isna().all() and sig["note"].str.contains("no test").all()
+
+
+def test_study_without_report_is_an_error(tmp_path):
+    root = make_results(tmp_path / "toy", methods=("linear",), tasks=("cifar",))
+    (root / "studies" / "nosuchstudy").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="nosuchstudy"):
+        make_report({**PROFILE, "studies": {"correlation": {}, "nosuchstudy": {}}}, root)
+    assert not (root / "tables").exists()  # checked before anything is written
+
+
+def test_every_study_has_a_report():
+    assert set(STUDY_REPORTS) == set(STUDIES)
+
+
+def test_studies_do_not_import_matplotlib_or_report():
+    """Studies compute, the report presents: no study module pulls in matplotlib or provpt.report."""
+    code = ("import importlib, pkgutil, sys, provpt.studies as s\n"
+            "for m in pkgutil.iter_modules(s.__path__):\n"
+            "    importlib.import_module(f'provpt.studies.{m.name}')\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'matplotlib' or k.startswith('provpt.report')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+def test_read_benchmarks_stage_dataset_method(tmp_path):
+    rows = {"search/cifar/pro-vpt/lr0.1.tsv": 4.0, "search/cifar/vpt-deep/lr0.1.tsv": 2.0,
+            "final/cifar/vpt-deep/seed18.tsv": 10.0, "final/cifar/pro-vpt/seed18.tsv": 15.0,
+            "final/dtd/pro-vpt/seed25.tsv": 25.0, "studies/timing/cifar.tsv": 7.0,
+            "studies/allocators/cifar/seed18.tsv": 8.0, "pretrain.tsv": 3.0}
+    for rel, sec in rows.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"s\th:m:s\tmax_rss\n{sec}\t0:00:10\t300.5\n")
+    (tmp_path / "final" / "notes.txt").write_text("s\n1\n")  # not a .tsv: ignored
+    (tmp_path / "final" / "cifar" / "bad.tsv").write_text("x\ty\n1\t2\n")  # no ``s`` column: ignored
+    bench = read_benchmarks(tmp_path).set_index("file")
+    assert set(bench.index) == set(rows)
+    assert bench.loc["final/dtd/pro-vpt/seed25.tsv", ["stage", "dataset", "method"]].tolist() == \
+        ["final", "dtd", "pro-vpt"]
+    assert bench.loc["search/cifar/vpt-deep/lr0.1.tsv", "stage"] == "search"
+    # studies and pretrain: the stage only (``pro-vpt`` or ``timing`` in a path is no method)
+    for rel, stage in (("studies/timing/cifar.tsv", "studies"), ("studies/allocators/cifar/seed18.tsv", "studies"),
+                       ("pretrain.tsv", "pretrain")):
+        assert bench.loc[rel, ["stage", "dataset", "method"]].tolist() == [stage, "", ""]
+    assert bench.loc["pretrain.tsv", "s"] == 3.0 and bench.loc["pretrain.tsv", "max_rss_mb"] == 300.5
+    table = benchmark_table(bench.reset_index()).set_index(["stage", "method"])
+    assert table.loc[("final", "pro-vpt"), "jobs"] == 2 and table.loc[("final", "pro-vpt"), "mean_s"] == 20.0
+    assert table.loc[("final", "pro-vpt"), "vs_vpt_deep"] == pytest.approx(2.0)
+    assert table.loc[("search", "pro-vpt"), "vs_vpt_deep"] == pytest.approx(2.0)
+    assert np.isnan(table.loc[("studies", ""), "vs_vpt_deep"]) and table.loc[("studies", ""), "jobs"] == 2
+
+
+def test_write_table_formats(tmp_path):
+    df = pd.DataFrame({"method": ["a|b", "vpt_deep"], "acc": [70.123, np.nan], "p": [0.01234, 0.0],
+                       "cell": ["1.0 ± 0.2", None]})
+    paths = write_table(df, tmp_path, "t", "Cap_tion 50%", ["first note", "second_note"])
+    assert [p.name for p in paths] == ["t.csv", "t.md", "t.tex"]
+    assert pd.read_csv(paths[0])["acc"].isna().iloc[1]  # CSV: the raw numbers
+    md = paths[1].read_text()
+    assert md.startswith("**Cap_tion 50%**\n\n| method ")
+    lines = md.splitlines()
+    assert re.fullmatch(r"\|[-:|]+\|", lines[3]) and re.match(r"\| a\\\|b +\| +70\.12 \| +0\.0123 \| 1\.0 ± 0\.2 +\|$", lines[4])
+    assert re.match(r"\| vpt_deep +\| +\| +0\.00 \| +\|$", lines[5])  # NaN and None: empty
+    assert md.endswith("\n\nNote: first note\n\nNote: second_note\n")
+    tex = paths[2].read_text()
+    assert tex.startswith("% generated by provpt report")
+    for part in (r"\begin{table}[t]", r"\caption{Cap\_tion 50\%}", r"\label{tab:t}", r"\begin{tabular}{lrrr}",
+                 r"\toprule", r"method & acc & p & cell \\", r"a|b & 70.12 & 0.0123 & 1.0 $\pm$ 0.2 \\",
+                 r"vpt\_deep &  & 0.00 &  \\", r"\bottomrule", r"\par\footnotesize second\_note"):
+        assert part in tex, part
+    assert tex.index(r"\end{tabular}") < tex.index("first note") < tex.index(r"\end{table}")

@@ -5,17 +5,29 @@
 ``results/`` holding ``<profile>/`` is accepted too) and writes ``<results>/tables`` and
 ``<results>/figures``.
 
-Hook for studies: for each folder ``<results>/studies/<name>/``, the function
-``provpt.studies.<name>.report(study_dir, tables_dir, figures_dir)`` is called if that module and
-function exist; its return value (e.g. a list of written paths) is recorded under ``studies``.
+Studies compute, the report presents: a study (:mod:`provpt.studies`) writes numbers (CSV, JSON)
+into ``<results>/studies/<name>/``; its tables and figures are made here, by
+``STUDY_REPORTS[name](study_dir, tables_dir, figures_dir)`` (modules :mod:`.correlation`,
+:mod:`.timing`, :mod:`.adjustment`, :mod:`.allocators`). The studies reported are those named in
+the profile's ``studies`` section whose folder exists; other folders are ignored. Each report's
+return value (e.g. the written paths) is recorded under ``studies``.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-__all__ = ["make_report", "profile_root"]
+from ..config import ConfigError
+from . import adjustment, allocators, correlation, timing
+
+__all__ = ["STUDY_REPORTS", "make_report", "profile_root"]
+
+STUDY_REPORTS = {
+    "correlation": correlation.report,
+    "timing": timing.report,
+    "adjustment": adjustment.report,
+    "allocators": allocators.report,
+}
 
 
 def profile_root(profile: dict, results: str | Path) -> Path:
@@ -27,25 +39,25 @@ def profile_root(profile: dict, results: str | Path) -> Path:
     return results
 
 
-def run_study_reports(studies_dir: Path, tables_dir: Path, figures_dir: Path) -> tuple[dict, dict]:
+def profile_studies(profile: dict) -> list[str]:
+    """The studies the profile names (keys of its ``studies`` section); each must have a report."""
+    names = list(profile.get("studies") or {})
+    unknown = [n for n in names if n not in STUDY_REPORTS]
+    if unknown:
+        raise ConfigError(f"studies {unknown} of the profile have no report function; "
+                          f"expected one of {list(STUDY_REPORTS)}")
+    return names
+
+
+def run_study_reports(names, studies_dir: Path, tables_dir: Path, figures_dir: Path) -> tuple[dict, dict]:
+    """Call the report of each study in ``names`` whose folder ``studies_dir/<name>`` exists."""
     done, skipped = {}, {}
-    for d in sorted(p for p in Path(studies_dir).glob("*") if p.is_dir()):
-        mod_name = f"provpt.studies.{d.name}"
-        if not d.name.isidentifier():
-            skipped[f"study:{d.name}"] = "folder name is not a module name"
-            continue
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name not in (mod_name, "provpt.studies"):
-                raise  # the study module exists but one of its imports is missing
-            skipped[f"study:{d.name}"] = f"no module {mod_name}"
-            continue
-        fn = getattr(mod, "report", None)
-        if not callable(fn):
-            skipped[f"study:{d.name}"] = f"{mod_name} has no report()"
-            continue
-        done[d.name] = fn(d, tables_dir, figures_dir)
+    for name in names:
+        d = Path(studies_dir) / name
+        if d.is_dir():
+            done[name] = STUDY_REPORTS[name](d, tables_dir, figures_dir)
+        else:
+            skipped[f"study:{name}"] = f"no folder {d}"
     return done, skipped
 
 
@@ -59,7 +71,12 @@ def make_report(profile: dict, results: str | Path) -> dict:
     from .runs import collect_runs, collect_selections
     from .tables import write_tables
 
+    studies = profile_studies(profile)  # before writing anything: a study without a report is an error
     root = profile_root(profile, results)
+    if not (root / "runs").is_dir():
+        from .runs import ReportError
+
+        raise ReportError(f"{root}: no runs/ folder here (expected results/<profile> with runs/final/...)")
     tables_dir, figures_dir = root / "tables", root / "figures"
     split = (profile.get("final") or {}).get("eval_split", "test")
     groups = profile.get("groups") or {}
@@ -71,6 +88,6 @@ def make_report(profile: dict, results: str | Path) -> dict:
 
         curves = load_histories(runs, split)
         tables["curves"] = [write_text(tables_dir / "curves.csv", curves.to_csv(index=False))]
-    studies, skipped_st = run_study_reports(root / "studies", tables_dir, figures_dir)
-    return {"tables": tables, "figures": figures, "studies": studies,
+    done, skipped_st = run_study_reports(studies, root / "studies", tables_dir, figures_dir)
+    return {"tables": tables, "figures": figures, "studies": done,
             "skipped": {**skipped, **skipped_fig, **skipped_st}}

@@ -12,12 +12,12 @@ folders without it are skipped with a warning. A corrupt file is an error that n
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
+from ..io import atomic_path, write_text  # noqa: F401 (re-exported: report.figures/tables write with them)
 
 
 class ReportError(ValueError):
@@ -25,25 +25,6 @@ class ReportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary sibling of ``path`` to write to; move it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
 
 
 def read_json(path: Path) -> dict:
@@ -62,6 +43,11 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ReportError(f"{path}:{i}: corrupt JSON line ({e})") from None
     return rows
+
+
+def study_summaries(study_dir: Path, pattern: str = "*/summary.json") -> list[tuple[Path, dict]]:
+    """``(folder, summary)`` for every finished study job under ``study_dir`` (sorted by path)."""
+    return [(p.parent, read_json(p)) for p in sorted(Path(study_dir).glob(pattern))]
 
 
 # ----------------------------------------------------------------------------- runs

@@ -36,8 +36,9 @@ Options (``study.<key>=``; defaults):
 Cost: (points) x (L arms, or about L^2 with pairs) x (budget_epochs training epochs + 2 evals).
 
 Writes ``<out>/run/``, ``<out>/arms.csv`` (one row per point and arm) and ``<out>/summary.json``.
-``report`` writes tables ``adjustment_best`` (best move per point, and whether it changes over
-training) and ``adjustment_arms``, figures ``adjustment_heatmap_<dataset>``.
+Tables ``adjustment_best`` (best move per point, and whether it changes over training),
+``adjustment_arms`` and figures ``adjustment_heatmap_<dataset>`` are made from them by
+:mod:`provpt.report.adjustment`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import (autocast_for, checkpoint_path, dataset_summaries, parse_overrides, point_epochs, run_config,
+from . import (autocast_for, checkpoint_path, parse_overrides, point_epochs, run_config,
                setup, train_studied_run, write_csv, write_json)
 
 NAME = "adjustment"
@@ -208,94 +209,3 @@ def main(profile: dict, overrides) -> dict:
                "wall_time_s": time.perf_counter() - t_start}
     write_json(out / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def report(study_dir, tables_dir, figures_dir) -> dict:
-    import pandas as pd
-    from matplotlib.figure import Figure
-
-    from ..report.figures import save
-    from ..report.tables import write_table
-
-    summaries = dataset_summaries(study_dir)
-    if not summaries:
-        return {"skipped": f"{study_dir}: no */summary.json"}
-    written, best_rows, arm_frames = {}, [], []
-    for folder, s in summaries:
-        for p in s["points"]:
-            b = p["best"] or {}
-            best_rows.append({"dataset": s["dataset"], "point_pct": round(100 * p["fraction"]), "epoch": p["epoch"],
-                              "rule_source": p["rule_source"], "would_prune": "yes" if p["would_prune"] else "no",
-                              "best_source": b.get("source"), "best_target": b.get("target"),
-                              "gain_loss": b.get("gain_loss"), "gain_acc_pp": b.get("gain_acc"),
-                              "no_move_loss": p["no_move"]["loss"], "no_move_acc": p["no_move"]["acc"],
-                              "beats_no_move": "yes" if p["best_beats_no_move"] else "no",
-                              "best_changes_over_training": "yes" if s["best_changes"] else "no"})
-        if (folder / "arms.csv").is_file():
-            a = pd.read_csv(folder / "arms.csv")
-            a.insert(0, "dataset", s["dataset"])
-            arm_frames.append(a)
-    notes = [f"{s['dataset']}: {s['method']} run of {s['epochs']} epochs; each arm continues {s['budget_epochs']} "
-             f"epoch(s) from the checkpoint; "
-             f"{'all source/target pairs' if s['pairs'] else 'the rule prompt to every block'} "
-             f"(pruned by {s.get('prune', 'taylor')} idleness); "
-             f"eval on {s['split']}; gain = no-move loss - arm loss (> 0: the move helped)" for _, s in summaries]
-    written["adjustment_best"] = write_table(pd.DataFrame(best_rows), tables_dir, "adjustment_best",
-                                             "Best prompt relocation per training point", notes)
-    if arm_frames:
-        arms = pd.concat(arm_frames, ignore_index=True)
-        cols = ["dataset", "epoch", "prompt", "source", "target", "moved", "score", "rule", "immediate_gain_loss",
-                "gain_loss", "gain_acc", "loss", "acc"]
-        written["adjustment_arms"] = write_table(arms[[c for c in cols if c in arms]], tables_dir, "adjustment_arms",
-                                                 "Every relocation arm of the sweep", notes[:1])
-        for _, s in summaries:
-            d = arms[arms["dataset"] == s["dataset"]]
-            if d.empty:
-                continue
-            written[f"adjustment_heatmap_{s['dataset']}"] = save(heatmap(Figure, d, s), figures_dir,
-                                                                 f"adjustment_heatmap_{s['dataset']}")
-    return written
-
-
-def heatmap(Figure, d, s):
-    """Gain in eval loss by target block: one row per point (rule), or one panel per point (pairs)."""
-    L = int(s["num_blocks"])
-    epochs = sorted(d["epoch"].unique())
-    scale = 1e3
-    if not s["pairs"]:
-        grid = np.full((len(epochs), L), np.nan)
-        src = {}
-        for i, e in enumerate(epochs):
-            for r in d[d["epoch"] == e].itertuples():
-                grid[i, int(r.target)] = r.gain_loss * scale
-                src[i] = int(r.source)
-        fig = Figure(figsize=(1.0 + 0.7 * L, 1.2 + 0.55 * len(epochs)), layout="constrained")
-        ax = fig.subplots()
-        panels = [(ax, grid, [f"ep {e}" for e in epochs], "point", src)]
-    else:
-        fig = Figure(figsize=(0.5 + 2.9 * len(epochs), 3.2), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(epochs), squeeze=False)[0])
-        panels = []
-        for ax, e in zip(axes, epochs):
-            grid = np.full((L, L), np.nan)
-            for r in d[d["epoch"] == e].itertuples():
-                grid[int(r.source), int(r.target)] = r.gain_loss * scale
-            panels.append((ax, grid, [str(b) for b in range(L)], f"source block (epoch {e})", None))
-    vmax = max(np.nanmax(np.abs(np.concatenate([p[1].ravel() for p in panels]))), 1e-9)
-    for ax, grid, rows, ylabel, src in panels:
-        im = ax.imshow(grid, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(L))
-        ax.set_yticks(range(len(rows)), rows)
-        ax.set_xlabel("target block")
-        ax.set_ylabel(ylabel)
-        for (i, j), v in np.ndenumerate(grid):
-            if np.isfinite(v):
-                mark = "*" if src is not None and src.get(i) == j else ""
-                ax.text(j, i, f"{v:.1f}{mark}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=[p[0] for p in panels], label="gain in eval loss (x1e-3)")
-    fig.suptitle(f"{s['dataset']}: gain of a relocation over no move, after {s['budget_epochs']} epoch(s)"
-                 + ("" if s["pairs"] else "  (* = source: no move)"), fontsize=9)
-    return fig
