@@ -6,7 +6,7 @@ epoch (batches of 64 in a random order, normalised float tensors ready for the m
 - ``jpeg``: PIL decode + RGB + resize (``provpt.data.cache.decode_image``) of every image, stacked
   and normalised, in the main process (what a per-epoch decoding loader does per worker);
 - ``jpeg-threads``: the same decoding in a thread pool of ``--workers`` (PIL releases the GIL);
-- ``cache``: ``provpt.train.TaskData`` over the split prepared once by ``prepare_split`` (uint8
+- ``cache``: ``provpt.data.task.TaskData`` over the split prepared once by ``prepare_split`` (uint8
   held in memory, or on the GPU with --device cuda; indexing + normalisation per batch);
 - ``cache-inplace``: the same arrays, the epoch's order moved to the device once and the batch
   normalised in place (``x.float().sub_(mean).div_(std)``, bitwise the same values): a proposed
@@ -47,7 +47,7 @@ def main(argv=None):
 
     from provpt.config import RunConfig
     from provpt.data.cache import NORMALISATION, decode_image, prepare_split
-    from provpt.train import TaskData
+    from provpt.data.task import TaskData
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

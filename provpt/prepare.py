@@ -37,23 +37,19 @@ def prepare(profile: dict, only: str | None = None) -> list[str]:
             group, classes = mini.MINI_TASKS[task]
             prepare_vtab_task(source, task, cache_root, size=size, num_classes=classes, group=group)
             done.append(f"{task}: {cache_root / task}")
-    elif fmt == "vtab":
-        from .data.cache import prepare_vtab_task
+    elif fmt in ("vtab", "fgvc"):
+        from .data.cache import prepare_fgvc, prepare_vtab_task
 
+        what = {"vtab": "VTAB-1k root (NOAH layout)", "fgvc": "FGVC root (one folder per dataset with "
+                "train/val/test.json)"}[fmt]
         if not source or not Path(source).is_dir():
-            raise ConfigError(f"data.source={source!r}: VTAB-1k root (NOAH layout) not found; "
-                              "set it in the profile or with data.source=/path/to/vtab-1k")
-        for task in datasets:
-            prepare_vtab_task(Path(source), task, cache_root, size=size)
-            done.append(f"{task}: {cache_root / task}")
-    elif fmt == "fgvc":
-        from .data.cache import prepare_fgvc
-
-        if not source or not Path(source).is_dir():
-            raise ConfigError(f"data.source={source!r}: FGVC root (one folder per dataset with "
-                              "train/val/test.json) not found; set data.source=/path/to/fgvc")
+            raise ConfigError(f"data.source={source!r}: {what} not found; set it in the profile or with "
+                              f"data.source=/path/to/{'vtab-1k' if fmt == 'vtab' else 'fgvc'}")
         for name in datasets:
-            prepare_fgvc(Path(source) / name, name, cache_root, size=size)
+            if fmt == "vtab":
+                prepare_vtab_task(Path(source), name, cache_root, size=size)
+            else:
+                prepare_fgvc(Path(source) / name, name, cache_root, size=size)
             done.append(f"{name}: {cache_root / name}")
     else:
         raise ConfigError(f"data.format={fmt!r}: expected mini, vtab or fgvc")

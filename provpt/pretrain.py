@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.mini import DEFAULT_FMNIST_DIR, load_fashion_mnist
-from .model.backbone import create_backbone, file_sha256, save_backbone
+from .io import file_sha256, write_text
+from .model.backbone import create_backbone, save_backbone
 
 SHIFT = 2  # ± pixels of random translation
 
@@ -153,9 +154,7 @@ def pretrain(backbone: str, backbone_kwargs: dict, out: str | os.PathLike, fmnis
             "weights": out.name, "weights_sha256": file_sha256(out),
             "torch": torch.__version__, "timm": timm.__version__,
         }
-        tmp = out.with_name(f".{out.stem}.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, out.with_suffix(".json"))
+        write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
         return summary
     finally:
         torch.set_num_threads(old_threads)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .io import write_text
 
 
 def select(run_dirs, split: str, out: Path | None = None) -> dict:
@@ -26,9 +27,5 @@ def select(run_dirs, split: str, out: Path | None = None) -> dict:
               "rule": "max last-epoch accuracy on the search eval split; ties to the smaller lr, then smaller wd",
               "candidates": sorted(candidates, key=lambda c: (c["lr"], c["weight_decay"]))}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        write_text(out, json.dumps(result, indent=2))
     return result

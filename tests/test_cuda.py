@@ -12,7 +12,8 @@ import torch
 
 from provpt.config import RunConfig
 from provpt.data.cache import prepare_split
-from provpt.train import TaskData, run
+from provpt.data.task import TaskData
+from provpt.train import run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

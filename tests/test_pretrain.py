@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from provpt.data import mini
-from provpt.model.backbone import create_backbone, file_sha256
+from provpt.io import file_sha256
+from provpt.model.backbone import create_backbone
 from provpt.pretrain import _lr_factor, pretrain
 
 FMNIST = os.environ.get("FMNIST_DIR", mini.DEFAULT_FMNIST_DIR)

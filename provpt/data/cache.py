@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_path, file_sha256, write_text
 from . import fgvc, vtab
 from .errors import DataError, where_of
 
@@ -41,12 +42,6 @@ PREPARE_HINT = "make it with `provpt prepare` for this dataset"
 
 
 # ----------------------------------------------------------------------------- files, manifest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -91,16 +86,8 @@ def _update_manifest(task_dir: Path, info: dict | None = None, split: str | None
             if entry is not None:
                 splits[split] = entry
         m["splits"] = dict(sorted(splits.items()))
-        _write_text_atomic(path, json.dumps(m, indent=1) + "\n")
+        write_text(path, json.dumps(m, indent=1) + "\n")
     return m
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_rows(arr: np.ndarray, rows_per_block: int = 256) -> str:
@@ -192,7 +179,7 @@ def prepare_split(items, out_dir: str | os.PathLike, split: str, size: int, *, s
     paths = [Path(p) for p, _ in items]
     labels = np.asarray([int(l) for _, l in items], dtype=np.int64)
     rels = _relative(paths, Path(root) if root is not None else None)
-    src = [{"file": r, "sha256": _sha256_file(s)} for r, s in zip(_relative(sources, root), sources)] if sources else []
+    src = [{"file": r, "sha256": file_sha256(s)} for r, s in zip(_relative(sources, root), sources)] if sources else []
     key = _split_key(rels, labels, src, size, fit, resample)
     info = dict(info or {})
     if _is_done(out_dir, split, key):
@@ -208,7 +195,9 @@ def prepare_split(items, out_dir: str | os.PathLike, split: str, size: int, *, s
     n = len(items)
     shape = (n, 3, size, size)
     final_img, final_lab = out_dir / f"{split}.images.npy", out_dir / f"{split}.labels.npy"
-    tmp_img, tmp_lab = (p.with_name(f".{p.name}.tmp") for p in (final_img, final_lab))
+    for p in (final_img, final_lab):  # what a killed job left: `.<name>.<pid>.tmp` (or the older `.<name>.tmp`)
+        for stale in out_dir.glob(f".{p.name}.*tmp"):
+            stale.unlink(missing_ok=True)
     h = hashlib.sha256()
 
     def decode(i):
@@ -219,7 +208,8 @@ def prepare_split(items, out_dir: str | os.PathLike, split: str, size: int, *, s
                             f"{paths[i]}: {type(e).__name__}: {e}") from None
 
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    try:
+    # labels, then images, are moved into place on success; both temporaries are removed on failure
+    with atomic_path(final_img) as tmp_img, atomic_path(final_lab) as tmp_lab:
         arr = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.uint8, shape=shape)
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(ThreadPoolExecutor(workers)) if workers > 1 else None
@@ -235,11 +225,6 @@ def prepare_split(items, out_dir: str | os.PathLike, split: str, size: int, *, s
         del arr
         with open(tmp_lab, "wb") as f:
             np.save(f, labels)
-        os.replace(tmp_lab, final_lab)
-        os.replace(tmp_img, final_img)
-    finally:
-        for p in (tmp_img, tmp_lab):
-            p.unlink(missing_ok=True)
 
     entry = {
         "n": n, "shape": list(shape), "size": size, "fit": fit, "resample": resample,

@@ -37,17 +37,11 @@ SPLIT_SIZES = {"train800": 800, "val200": 200, "test": 1000}
 VERSION = 1  # bump when a task's definition changes: an older folder is then regenerated
 
 # name -> (group, number of classes), in table order
-MINI_TASKS: "OrderedDict[str, tuple[str, int]]" = OrderedDict(
-    [
-        ("digits", ("natural", 10)),
-        ("photos", ("natural", 10)),
-        ("textures", ("specialized", 8)),
-        ("count", ("structured", 6)),
-        ("xpos", ("structured", 8)),
-        ("rot", ("structured", 8)),
-        ("size", ("structured", 6)),
-    ]
-)
+MINI_TASKS: "OrderedDict[str, tuple[str, int]]" = OrderedDict([
+    ("digits", ("natural", 10)), ("photos", ("natural", 10)),
+    ("textures", ("specialized", 8)),
+    ("count", ("structured", 6)), ("xpos", ("structured", 8)), ("rot", ("structured", 8)), ("size", ("structured", 6)),
+])
 DESCRIPTIONS = {
     "digits": "scikit-learn 8x8 digit enlarged to 24-28 px, centred ±2 px, bright tint on a dark background",
     "photos": "which of 10 scikit-image photographs a luminance crop (50-90% of the shorter side, any of the 8 "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import timm
 from timm.models.vision_transformer import VisionTransformer
+
+from ..io import save_safetensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray pretrained=True must fail, not download
 
@@ -86,21 +87,5 @@ def load_state_dict_file(model: torch.nn.Module, path: Path) -> None:
 
 def save_backbone(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Save a backbone's weights (no head) as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | os.PathLike | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    save_safetensors(sd, path)
