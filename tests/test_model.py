@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from provpt.config import RunConfig
+from provpt.config import METHODS, RunConfig
 from provpt.model.backbone import WeightsError, create_backbone, save_backbone
 from provpt.model.methods import build_model, count_parameters, trainable_parameters
 from provpt.model.prompted_vit import PromptedViT, shallow_distribution
@@ -159,7 +159,7 @@ def test_backbone_errors_name_the_problem(tmp_path):
 METHOD_CFG = dict(backbone=NAME, backbone_kwargs=KW, num_prompts=2, prompt_dropout=0.0)
 
 
-@pytest.mark.parametrize("method", ["linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "lora", "adapter"])
+@pytest.mark.parametrize("method", METHODS)
 def test_methods_train_the_right_parameters(method):
     cfg = RunConfig(method=method, **METHOD_CFG)
     torch.manual_seed(0)

@@ -170,3 +170,45 @@ def test_relocation_off_or_before_warmup_is_exactly_vpt_deep():
         assert not reloc.moves
         assert torch.equal(model.prompts.values, ref.prompts.values)
         assert torch.equal(model.head.weight, ref.head.weight)
+
+
+# ----------------------------------------------------------------------------- the pure step
+
+
+class FixedTarget:
+    """An allocator that always answers ``target`` and records what it was shown."""
+
+    pair = False
+
+    def __init__(self, target):
+        self.target, self.seen = target, []
+
+    def act(self, state, after, source, total):
+        self.seen.append((state.clone(), after.clone(), source, total))
+        return self.target, {"probs": [1.0]}
+
+
+def test_relocate_is_a_step_on_a_bank_and_scores():
+    """No ViT, no data: a prompt bank, per-prompt scores and an allocator."""
+    from provpt.model.prompts import PromptBank
+    from provpt.relocation.relocator import relocate
+
+    torch.manual_seed(0)
+    bank = PromptBank(4, [2, 2, 2])
+    before = bank.values.detach().clone()
+    scores = torch.tensor([0.1, -1.0, 0.5, 0.2, 0.0, 0.3])
+    alloc = FixedTarget(0)
+    moves = relocate(bank, scores, alloc, RelocationConfig(count=2, scale=1e-3), epoch=3)
+    assert [(m["prompt"], m["source"], m["target"]) for m in moves] == [(2, 1, 0), (5, 2, 0)]
+    assert bank.distribution().tolist() == [4, 1, 1] and bank.total == 6
+    state, after, source, total = alloc.seen[0]
+    assert state.tolist() == pytest.approx([-0.9, 0.7, 0.3]) and after.tolist() == [2, 1, 2] and total == 6
+    torch.testing.assert_close(bank.values.detach()[2], before[2] * 1e-3)
+    torch.testing.assert_close(bank.values.detach()[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
+    assert bank.block_indices(0).tolist() == [0, 1, 2, 5]  # appended after the block's prompts
+    # Taylor pruning moves nothing when no score is positive; a move to its own block changes nothing
+    assert relocate(bank, -scores.abs() - 1, alloc, RelocationConfig(), epoch=4) == []
+    stay = FixedTarget(None)
+    stay.act = lambda state, after, source, total: (source, {"probs": [1.0]})
+    (move,) = relocate(bank, scores, stay, RelocationConfig(), epoch=5)
+    assert move["source"] == move["target"] == 0 and bank.distribution().tolist() == [4, 1, 1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ from provpt.config import ConfigError, RunConfig
 from provpt.model.backbone import create_backbone
 from provpt.model.prompted_vit import PromptedViT
 from provpt.relocation.idleness import taylor_pass, true_idleness
+from provpt.report import adjustment as adjustment_report
+from provpt.report import allocators as allocators_report
+from provpt.report import correlation as correlation_report
+from provpt.report import timing as timing_report
 from provpt.studies import adjustment, allocators, correlation, parse_overrides, run_config, timing
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
@@ -148,11 +153,11 @@ def test_correlation_study_and_report(root, tmp_path):
                                                  "study.eval_batches=1", "study.zeroed=true"])
     assert again["points"][1]["methods"]["online"]["spearman"] == s["points"][1]["methods"]["online"]["spearman"]
     tables, figures = tmp_path / "tables", tmp_path / "figures"
-    written = correlation.report(out.parent, tables, figures)
+    written = correlation_report.report(out.parent, tables, figures)
     assert "correlation" in written and "correlation_over_training" in written
     table = pd.read_csv(tables / "correlation.csv")
     assert len(table) >= 3 * 3 and table["spearman"].notna().any()
-    assert "| toy |" in (tables / "correlation_summary.md").read_text()
+    assert re.search(r"^\| toy +\|", (tables / "correlation_summary.md").read_text(), re.M)
     assert (tables / "correlation.tex").read_text().count(r"\\") > 5
     for stem in ("correlation_scatter_toy", "correlation_over_training"):
         assert (figures / f"{stem}.png").stat().st_size > 5000 and (figures / f"{stem}.pdf").is_file()
@@ -161,20 +166,23 @@ def test_correlation_study_and_report(root, tmp_path):
 # ----------------------------------------------------------------------------- timing
 
 
-def test_timed_epoch_trains_exactly_as_train_epoch(root):
-    from provpt.train import TaskData, train_epoch
+@pytest.mark.parametrize("method", ["vpt-deep", "pro-vpt", "pro-vpt-pass"])
+def test_timing_measures_the_training_loops_own_epochs(root, tmp_path, method):
+    """The timing study measures train.run's own epochs: same losses, same moves, same prompts."""
+    from provpt.data.task import TaskData
+    from provpt.train import run
 
-    cfg = RunConfig.from_dict({**profile_for(root)["train"], "method": "vpt-deep"})
-    data = TaskData(cfg, torch.device("cpu"))
-    a = timing.Method("vpt-deep", cfg, data, torch.device("cpu"))
-    b = timing.Method("vpt-deep", cfg, data, torch.device("cpu"))
-    torch.manual_seed(5)
-    r = timing.timed_epoch(a, 0, do_eval=False)
-    torch.manual_seed(5)
-    stats = train_epoch(b.model, data, cfg, b.optimizer, 0, torch.autocast("cpu", enabled=False))
-    assert r["train_loss"] == pytest.approx(stats["train_loss"], rel=1e-6)
-    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(p, q), n
+    name, extra = timing.ALIASES.get(method, (method, {}))
+    cfg = run_config(profile_for(root), {"out": str(tmp_path / "run"), "eval_every": 99}, method=name, extra=extra)
+    run(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    m = timing.Method(method, cfg, TaskData(cfg, torch.device("cpu")), torch.device("cpu"))
+    rows = [timing.measure_epoch(m, e, do_eval=False) for e in range(cfg.epochs)]
+    assert [r["train_loss"] for r in rows] == [h["train_loss"] for h in history]
+    assert [r["moves"] for r in rows] == [h["moves"] for h in history]
+    assert m.model.distribution() == history[-1]["distribution"]
+    if method != "vpt-deep":
+        assert sum(r["moves"] for r in rows) > 0 and m.relocator.grad_clip == cfg.grad_clip
 
 
 def test_timing_study_phases_add_up_and_report(root, tmp_path):
@@ -195,11 +203,11 @@ def test_timing_study_phases_add_up_and_report(root, tmp_path):
     assert rows["pro-vpt"]["ppo_update_s"] > 0  # 3 timed epochs hold one PPO update
     assert rows["linear"]["scoring_s"] == 0 and rows["linear"]["moves"] == 0 and rows["pro-vpt"]["moves"] > 0
     assert all(r["mem_peak_mb"] > 0 for r in rows.values())
-    bench = tmp_path / "results" / "p" / "benchmarks" / "final" / "toy"
-    bench.mkdir(parents=True)
+    bench = tmp_path / "results" / "p" / "benchmarks" / "final" / "toy"  # <stage>/<dataset>/<method>/<file>.tsv
     for method, sec in (("vpt-deep", 10.0), ("pro-vpt", 15.0)):
-        (bench / f"{method}_seed18.tsv").write_text(f"s\th:m:s\tmax_rss\n{sec}\t0:00:10\t300.5\n")
-    written = timing.report(out.parent, tmp_path / "tables", tmp_path / "figures")
+        (bench / method).mkdir(parents=True)
+        (bench / method / "seed18.tsv").write_text(f"s\th:m:s\tmax_rss\n{sec}\t0:00:10\t300.5\n")
+    written = timing_report.report(out.parent, tmp_path / "tables", tmp_path / "figures")
     assert {"timing", "timing_phases", "timing_benchmarks"} <= set(written)
     bench_table = pd.read_csv(tmp_path / "tables" / "timing_benchmarks.csv")
     assert bench_table.set_index("method").loc["pro-vpt", "vs_vpt_deep"] == pytest.approx(1.5)
@@ -249,7 +257,7 @@ def test_adjustment_study_and_report(root, tmp_path):
     for p in s["points"]:
         assert p["best"]["source"] != p["best"]["target"]
     assert isinstance(s["best_changes"], bool)
-    written = adjustment.report(out.parent, tmp_path / "tables", tmp_path / "figures")
+    written = adjustment_report.report(out.parent, tmp_path / "tables", tmp_path / "figures")
     best = pd.read_csv(tmp_path / "tables" / "adjustment_best.csv")
     assert len(best) == 3 and set(best["best_target"]) <= {0, 1, 2}
     assert (tmp_path / "figures" / "adjustment_heatmap_toy.png").stat().st_size > 5000
@@ -293,7 +301,8 @@ def test_allocator_variants_and_report(root, tmp_path):
     for method in ("pro-vpt", "vpt-deep"):
         run(run_config(profile, {"seed": 1, "out": str(results / "runs" / "final" / "toy" / method / "seed1")},
                        method=method, stage="final"))
-    written = allocators.report(results / "studies" / "allocators", tmp_path / "tables", tmp_path / "figures")
+    written = allocators_report.report(results / "studies" / "allocators", tmp_path / "tables",
+                                       tmp_path / "figures")
     table = pd.read_csv(tmp_path / "tables" / "allocators.csv")
     assert list(table["variant"]) == ["vpt-deep", "ppo", "thompson", "pair"]
     assert table["toy"].notna().all()

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from provpt.cli import main as cli
-from provpt.config import RunConfig
+from provpt.config import METHODS, RunConfig
 from provpt.train import run
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
@@ -50,7 +51,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["vpt-deep", "pro-vpt", "lora"])
+@pytest.mark.parametrize("method", METHODS)
 def test_killed_and_resumed_equals_uninterrupted(toy_root, tmp_path, method):
     kw = dict(method=method, epochs=4, relocation={"scoring": "online"})
     full = run(cfg_for(toy_root, tmp_path / "full", **kw))
@@ -99,3 +100,21 @@ def test_cli_train_and_clear_errors(toy_root, tmp_path, capsys):
     assert "lr='fast': expected a number" in capsys.readouterr().err
     assert cli(args[:-1] + ["dataset=nope", f"out={tmp_path / 'x'}"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+class Payload:
+    """An arbitrary pickled object: what a tampered checkpoint would carry."""
+
+
+def test_checkpoint_with_a_pickled_object_is_refused(toy_root, tmp_path):
+    cfg = cfg_for(toy_root, tmp_path / "run", epochs=2)
+
+    def stop(epoch):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, on_epoch_end=stop)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    torch.save({**ck, "extra": Payload()}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: refused to load"):
+        run(cfg)

@@ -61,17 +61,23 @@ def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss:
     return scores
 
 
-def online_scores(model, num_batches: int) -> torch.Tensor:
-    """Mean gate gradient over the ``num_batches`` training steps since the last reset."""
-    grad = model.prompts.gates.grad
+def _bank(model_or_bank):
+    return getattr(model_or_bank, "prompts", model_or_bank)
+
+
+def online_scores(bank, num_batches: int) -> torch.Tensor:
+    """Mean gate gradient over the ``num_batches`` training steps since the last reset (a prompt bank,
+    or a model holding one as ``.prompts``)."""
+    bank = _bank(bank)
+    grad = bank.gates.grad
     if grad is None or num_batches < 1:
-        return torch.zeros(model.prompts.total)
+        return torch.zeros(bank.total)
     return (grad.detach() / num_batches).cpu()
 
 
-def reset_online(model) -> None:
+def reset_online(bank) -> None:
     """Forget the accumulated gate gradients (call at each epoch's end)."""
-    model.prompts.gates.grad = None
+    _bank(bank).gates.grad = None
 
 
 @torch.no_grad()
@@ -95,14 +101,14 @@ def true_idleness(model, batches, loss_fn) -> torch.Tensor:
 
 
 @torch.no_grad()
-def norm_scores(model) -> torch.Tensor:
+def norm_scores(bank) -> torch.Tensor:
     """The authors' prompt-norm ablation, as a score to maximise.
 
     They prune the prompt with the smallest L2 norm *relative to its block's total norm*:
     score_k = -||p_k|| / sum_{j in block(k)} ||p_j|| (so the max picks it; always <= 0, and it
     biases pruning towards crowded blocks). They relocate every epoch regardless of sign.
     """
-    bank = model.prompts
+    bank = _bank(bank)
     norms = bank.values.detach().float().norm(dim=1).cpu()
     sums = block_sums(norms, bank.block.cpu(), bank.num_blocks)
     return (-norms / sums[bank.block.cpu()].clamp_min(1e-12)).float()

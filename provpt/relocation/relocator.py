@@ -6,6 +6,10 @@ The training loop calls, per epoch::
     ... train (loss.backward() also fills model.prompts.gates.grad) ...
     relocator.end_epoch(epoch, model, num_batches, loss_mean, loss_faithful)
 
+The move itself is :func:`relocate`, a pure step on a prompt bank, per-prompt scores and an
+allocator (no model, no data: testable without a ViT); the :class:`Relocator` around it gets the
+scores, settles rewards and keeps the state a checkpoint needs.
+
 Scores: ``online`` (default) uses the gate gradients accumulated during the previous epoch's
 training, so nothing extra runs and the global RNG is never touched; ``pass`` runs the authors'
 scoring pass at the start of the epoch (under ``fork_rng``, so training's random stream is the same
@@ -16,6 +20,10 @@ Reward of the moves made at epoch t, settled at the start of epoch t+1:
 ``loss_before - loss_after - max_k score_k`` (online: training losses of epochs t-1 and t;
 pass: pass losses at the starts of t and t+1). ``reward='mean'`` uses per-sample mean losses,
 ``'faithful'`` the authors' sum of batch-mean losses / batch size.
+
+``clock`` (optional, e.g. the timing study's): ``clock.once(phase)`` contexts around scoring
+(``scoring``, ``scoring_end``), the allocator's action (``act``) and the reward/PPO update
+(``ppo_update``); the default does nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +32,60 @@ import copy
 
 import torch
 
+from ..clock import NULL_CLOCK
 from .allocators import make_allocator
 from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_pass
+
+
+def allocator_state(bank, scores: torch.Tensor, pruning: str) -> torch.Tensor:
+    """Per-block sums the allocator sees: idleness scores, or prompt norms for norm pruning."""
+    if pruning == "norm":
+        return block_sums(bank.values.detach().float().norm(dim=1), bank.block, bank.num_blocks)
+    return block_sums(scores, bank.block, bank.num_blocks)
+
+
+def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_CLOCK) -> list[dict]:
+    """Prune the highest-scoring prompt(s) and let ``allocator`` place each; returns move records.
+
+    ``cfg``: a :class:`~provpt.config.RelocationConfig` (``count`` prompts per step, ``scale``,
+    ``pruning``). Taylor pruning moves a prompt only if its score is > 0. A prompt "moved" to its
+    own block is left untouched (as the authors do) but still recorded and rewarded.
+    """
+    records = []
+    scores = scores.clone().double()
+    candidates = torch.ones(bank.total, dtype=torch.bool)
+    inf = float("-inf")
+    for _ in range(cfg.count):
+        masked = scores.masked_fill(~candidates, inf)
+        k = int(masked.argmax())
+        if cfg.pruning == "taylor" and not masked[k] > 0:
+            break
+        block, dist, state = bank.block.cpu(), bank.distribution().cpu(), allocator_state(bank, scores, cfg.pruning)
+        if allocator.pair:
+            with clock.once("act"):
+                target, info = allocator.act(state, dist, None, bank.total)
+            source = info["source"]
+            within = scores.masked_fill(block != source, inf)
+            pick = within.masked_fill(~candidates, inf)
+            k = int((pick if pick.max() > inf else within).argmax())
+        else:
+            source = int(block[k])
+            after = dist.clone()
+            after[source] -= 1
+            with clock.once("act"):
+                target, info = allocator.act(state, after, source, bank.total)
+        score = float(scores[k])
+        if target != source:
+            bank.move(k, target, cfg.scale)
+            if cfg.pruning == "norm":
+                scores = norm_scores(bank).double()
+            else:
+                scores[k] *= cfg.scale  # first-order score of the scaled prompt
+        candidates[k] = False
+        records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
+                        "score": score, "probs": info["probs"],
+                        "distribution": bank.distribution().tolist(), "reward": None})
+    return records
 
 
 class Relocator:
@@ -43,17 +103,10 @@ class Relocator:
         c = self.cfg
         return c.enabled and epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.every == 0
 
-    def _state(self, model, scores: torch.Tensor) -> torch.Tensor:
-        """Per-block sums the allocator sees: idleness scores, or prompt norms for norm pruning."""
-        bank = model.prompts
-        if self.cfg.pruning == "norm":
-            return block_sums(bank.values.detach().float().norm(dim=1), bank.block, self.num_blocks)
-        return block_sums(scores, bank.block, self.num_blocks)
-
     def _scores(self, model, batches, loss_fn, needed: bool):
         """(per-prompt scores, losses now); scores None when unavailable."""
         if self.cfg.pruning == "norm":
-            return norm_scores(model), self.last_loss
+            return norm_scores(model.prompts), self.last_loss
         if self.cfg.scoring == "online":
             return self.collected, self.last_loss
         if not needed:
@@ -64,48 +117,19 @@ class Relocator:
             return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True)
 
     # ------------------------------------------------------------------ per epoch
-    def start_epoch(self, epoch: int, model, batches, loss_fn) -> list[dict]:
+    def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK) -> list[dict]:
         """Settle the pending reward, then relocate if this epoch is scheduled; returns this epoch's moves."""
         if not self.cfg.enabled:
             return []
         moving = self.moves_at(epoch)
-        scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending))
-        reset_online(model)  # this epoch's training accumulates this epoch's gate gradients only
-        self._settle(scores, loss)
+        with clock.once("scoring"):
+            scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending))
+        reset_online(model.prompts)  # this epoch's training accumulates this epoch's gate gradients only
+        with clock.once("ppo_update"):
+            self._settle(scores, loss)
         if not moving or scores is None:
             return []
-        bank, records = model.prompts, []
-        scores = scores.clone().double()
-        candidates = torch.ones(bank.total, dtype=torch.bool)
-        inf = float("-inf")
-        for _ in range(self.cfg.count):
-            masked = scores.masked_fill(~candidates, inf)
-            k = int(masked.argmax())
-            if self.cfg.pruning == "taylor" and not masked[k] > 0:
-                break
-            block, dist, state = bank.block.cpu(), bank.distribution().cpu(), self._state(model, scores)
-            if self.allocator.pair:
-                target, info = self.allocator.act(state, dist, None, self.total)
-                source = info["source"]
-                within = scores.masked_fill(block != source, inf)
-                pick = within.masked_fill(~candidates, inf)
-                k = int((pick if pick.max() > inf else within).argmax())
-            else:
-                source = int(block[k])
-                after = dist.clone()
-                after[source] -= 1
-                target, info = self.allocator.act(state, after, source, self.total)
-            score = float(scores[k])
-            if target != source:  # the authors leave a prompt "moved" to its own block untouched
-                bank.move(k, target, self.cfg.scale)
-                if self.cfg.pruning == "norm":
-                    scores = norm_scores(model).double()
-                else:
-                    scores[k] *= self.cfg.scale  # first-order score of the scaled prompt
-            candidates[k] = False
-            records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
-                            "score": score, "probs": info["probs"],
-                            "distribution": bank.distribution().tolist(), "reward": None})
+        records = relocate(model.prompts, scores, self.allocator, self.cfg, epoch, clock)
         self.pending = list(range(len(self.moves), len(self.moves) + len(records)))
         self.moves.extend(records)
         self.loss_before = copy.deepcopy(loss)
@@ -125,12 +149,14 @@ class Relocator:
             self.allocator.reward(r)
         self.pending = []
 
-    def end_epoch(self, epoch: int, model, num_batches: int, loss_mean: float, loss_faithful: float) -> None:
+    def end_epoch(self, epoch: int, model, num_batches: int, loss_mean: float, loss_faithful: float,
+                  clock=NULL_CLOCK) -> None:
         """Record the epoch's training losses; online mode keeps its gate gradients as next scores."""
         self.last_loss = {"mean": float(loss_mean), "faithful": float(loss_faithful)}
-        if self.cfg.enabled and self.cfg.scoring == "online" and self.cfg.pruning == "taylor":
-            self.collected = online_scores(model, num_batches)
-        reset_online(model)
+        with clock.once("scoring_end"):
+            if self.cfg.enabled and self.cfg.scoring == "online" and self.cfg.pruning == "taylor":
+                self.collected = online_scores(model.prompts, num_batches)
+            reset_online(model.prompts)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -2,9 +2,9 @@
 
 One job = one dataset. Every method of ``study.methods`` is set up in this process (same data on
 the same device), then the methods take turns epoch by epoch (round robin, so a change of machine
-load hits all of them alike); the first ``study.warmup_epochs`` epochs are not counted. The epoch
-is an instrumented copy of :func:`provpt.train.train_epoch` (the same operations in the same
-order, so the same numbers; a test checks it) plus PRO-VPT's relocation and the evaluation:
+load hits all of them alike); the first ``study.warmup_epochs`` epochs are not counted. Each epoch
+is the training loop's own :func:`provpt.train.run_epoch` (relocation, :func:`~provpt.train.train_epoch`,
+the relocator's bookkeeping, evaluation) with a measuring clock passed in (:mod:`provpt.clock`):
 
 - ``scoring``: the relocator's scores (the authors' pass, or reading the online gate gradients)
   and ``end_epoch`` (keeping them);
@@ -22,7 +22,7 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated`` (peak stats reset at each ep
 ``mem_peak_mb`` is the process's peak, ``mem_extra_mb`` the part above what was allocated when the
 epoch started: activations, gradients, optimiser temporaries). On CPU torch keeps no allocator
 statistics, so the process's resident set size is sampled from ``/proc/self/statm`` after every
-forward pass (where activations peak) and at phase ends; ``mem_extra_mb`` is the growth over the
+forward pass (the clock's ``forward`` mark, where activations peak) and at phase ends; ``mem_extra_mb`` is the growth over the
 epoch's start. It is a process-wide number: the allocator may keep freed pages, so on CPU the
 extra memory of a method that runs after a bigger one can read low (compare the CUDA numbers).
 
@@ -39,10 +39,10 @@ Options (``study.<key>=``; defaults):
   max_batches: null      cap on training batches per epoch (big datasets; null: the whole split)
 
 Writes ``<out>/epochs.csv`` (one row per method and timed epoch) and ``<out>/summary.json``.
-``report`` writes tables ``timing`` (means per method over the timed epochs, so a PPO update every
-other epoch is amortised; ratios to VPT-Deep) and, if Snakemake
-``benchmark:`` files exist under ``results/<profile>/benchmarks/``, ``timing_benchmarks``; and the
-stacked-bar figure ``timing_phases``.
+Table ``timing`` (means per method over the timed epochs, so a PPO update every other epoch is
+amortised; ratios to VPT-Deep), figure ``timing_phases`` and, from Snakemake's ``benchmark:``
+files under ``results/<profile>/benchmarks/``, table ``timing_benchmarks`` are made by
+:mod:`provpt.report.timing`.
 """
 
 from __future__ import annotations
@@ -53,13 +53,12 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import autocast_for, dataset_summaries, parse_overrides, run_config, sync, write_csv, write_json
+from . import autocast_for, parse_overrides, run_config, sync, write_csv, write_json
 
 NAME = "timing"
 DEFAULTS = {"methods": ["linear", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-pass"], "epochs": 3,
             "warmup_epochs": 1, "eval": True, "max_batches": None}
-VARIANTS = {"pro-vpt-pass": ("pro-vpt", {"relocation.scoring": "pass"}),
-            "pro-vpt-online": ("pro-vpt", {"relocation.scoring": "online"})}
+ALIASES = {"pro-vpt-pass": ("pro-vpt", {"relocation.scoring": "pass"})}  # timed like a method
 PHASES = ("data", "forward_backward", "optimizer", "scoring", "allocation", "eval", "other")
 REFERENCE = "vpt-deep"
 
@@ -68,13 +67,19 @@ REFERENCE = "vpt-deep"
 
 
 class Clock:
-    """Per-phase seconds; CUDA events for the per-batch phases, host timers for the others."""
+    """Per-phase seconds; CUDA events for the per-batch phases, host timers for the others. Samples
+    ``memory`` at every phase end and at the ``forward`` mark."""
 
-    def __init__(self, device):
+    def __init__(self, device, memory=None):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.memory = memory
         self.host: dict[str, float] = defaultdict(float)
         self.events: dict[str, list] = defaultdict(list)
+
+    def mark(self, event: str) -> None:
+        if self.memory is not None:
+            self.memory.sample()
 
     @contextmanager
     def batch(self, name: str):
@@ -98,6 +103,7 @@ class Clock:
         yield
         sync(self.device)
         self.host[name] += time.perf_counter() - t
+        self.mark(name)
 
     def totals(self) -> dict[str, float]:
         sync(self.device)
@@ -152,106 +158,35 @@ class Memory:
 
 
 class Method:
-    """A method set up for timing: model, optimiser, relocator (instrumented), config."""
+    """A method set up for timing: model, optimiser, relocator, config (as :func:`provpt.train.run`)."""
 
     def __init__(self, name: str, cfg, data, device):
         import torch
 
         from ..model.methods import build_model, count_parameters
-        from ..train import make_optimizer
+        from ..train import make_optimizer, make_relocator
 
         self.name, self.cfg, self.data, self.device = name, cfg, data, device
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, data.num_classes).to(device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.params = count_parameters(self.model)
-        self.relocator = None
-        if cfg.method == "pro-vpt" and cfg.relocation.enabled:
-            from ..relocation.relocator import Relocator
-
-            self.relocator = Relocator(cfg.relocation, self.model.num_blocks, self.model.prompts.total, cfg.seed)
+        self.relocator = make_relocator(cfg, self.model)
         self.autocast = autocast_for(cfg, device)
 
-    def instrument(self, clock: Clock) -> None:
-        """Wrap the relocator's scoring and allocator calls (on this instance only) with ``clock``."""
-        r = self.relocator
-        if r is None:
-            return
-        for obj, attr, phase in ((r, "_scores", "scoring"), (r.allocator, "act", "act"),
-                                 (r.allocator, "reward", "ppo_update")):
-            fn = getattr(obj, attr, None)
-            if fn is None:
-                continue
-            orig = getattr(fn, "__wrapped_orig__", fn)
 
-            def wrapped(*a, _orig=orig, _phase=phase, **k):
-                with clock.once(_phase):
-                    return _orig(*a, **k)
+def measure_epoch(m: Method, epoch: int, do_eval: bool = True, max_batches: int | None = None) -> dict:
+    """One epoch of ``m`` through the training loop's ``run_epoch``, every phase timed."""
+    from ..train import run_epoch
 
-            wrapped.__wrapped_orig__ = orig
-            setattr(obj, attr, wrapped)
-
-
-def timed_epoch(m: Method, epoch: int, do_eval: bool = True, max_batches: int | None = None) -> dict:
-    """One epoch of ``m`` with every phase timed; the same operations as ``train.train_epoch``."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..model.methods import trainable_parameters
-    from ..train import evaluate, lr_at
-
-    cfg, data, model, optimizer = m.cfg, m.data, m.model, m.optimizer
-    clock, mem = Clock(m.device), Memory(m.device)
-    m.instrument(clock)
+    cfg = m.cfg
+    mem = Memory(m.device)
+    clock = Clock(m.device, mem)
     mem.begin()
     sync(m.device)
     t0 = time.perf_counter()
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(cfg, epoch)
-    moves = []
-    if m.relocator is not None:
-        train_batches = lambda: data.batches(cfg.train_split, cfg.batch_size)  # noqa: E731
-        with clock.once("relocation"), m.autocast:
-            moves = m.relocator.start_epoch(epoch, model, train_batches, F.cross_entropy)
-    mem.sample()
-
-    model.train()
-    params = [p for _, p in trainable_parameters(model)]
-    split = cfg.train_split
-    n = len(data.splits[split][1])
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=gen)
-    dev = data.mean.device
-    loss_sum, correct, batches, images = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, 0
-    for s in range(0, n, cfg.batch_size):
-        if max_batches and batches >= max_batches:
-            break
-        with clock.batch("data"):
-            x, y = data.batch(split, order[s:s + cfg.batch_size].to(data.splits[split][1].device), True, gen)
-        with clock.batch("forward_backward"):
-            with m.autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            mem.sample()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with clock.batch("optimizer"):
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-        loss_sum += loss.detach()
-        correct += (logits.argmax(-1) == y).sum()
-        batches += 1
-        images += len(y)
-    loss_sum, correct = loss_sum.item(), correct.item()
-    if m.relocator is not None:
-        with clock.once("scoring_end"):
-            m.relocator.end_epoch(epoch, model, batches, loss_sum / batches, loss_sum / cfg.batch_size)
-    mem.sample()
-    evals = {}
-    if do_eval:
-        with clock.once("eval"):
-            evals = evaluate(model, data, cfg.eval_splits[0], m.autocast)
+    row = run_epoch(m.model, m.data, cfg, m.optimizer, m.relocator, epoch, m.autocast,
+                    cfg.eval_splits[:1] if do_eval else [], clock=clock, max_batches=max_batches)
     sync(m.device)
     wall = time.perf_counter() - t0
     t = clock.totals()
@@ -261,25 +196,26 @@ def timed_epoch(m: Method, epoch: int, do_eval: bool = True, max_batches: int | 
               "optimizer": t.get("optimizer", 0.0), "scoring": scoring, "allocation": allocation,
               "eval": t.get("eval", 0.0)}
     phases["other"] = max(0.0, wall - sum(phases.values()))
+    evals = row["eval"]
     return {"method": m.name, "epoch": epoch, "wall_s": wall, **{f"{k}_s": v for k, v in phases.items()},
-            "act_s": t.get("act", 0.0), "ppo_update_s": t.get("ppo_update", 0.0), "moves": len(moves),
-            "batches": batches, "train_images": images,
-            "eval_images": len(data.splits[cfg.eval_splits[0]][1]) if do_eval else 0,
-            "train_loss": loss_sum / max(batches, 1), "train_acc": 100.0 * correct / max(images, 1),
-            **mem.end(), **({"eval_acc": evals["acc"]} if evals else {})}
+            "act_s": t.get("act", 0.0), "ppo_update_s": t.get("ppo_update", 0.0), "moves": row["moves"],
+            "batches": row["batches"], "train_images": row["images"],
+            "eval_images": len(m.data.splits[cfg.eval_splits[0]][1]) if do_eval else 0,
+            "train_loss": row["train_loss"], "train_acc": row["train_acc"],
+            **mem.end(), **({"eval_acc": evals[cfg.eval_splits[0]]["acc"]} if evals else {})}
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def method_config(profile: dict, run_over: dict, name: str):
+def method_config(profile: dict, run_over: dict, name: str, hparams: dict | None = None):
     from ..config import METHODS
 
-    method, extra = VARIANTS.get(name, (name, {}))
+    method, extra = ALIASES.get(name, (name, {}))
     if method not in METHODS:
-        raise ValueError(f"study timing: unknown method {name!r}; expected one of {[*METHODS, *VARIANTS]}")
+        raise ValueError(f"study timing: unknown method {name!r}; expected one of {[*METHODS, *ALIASES]}")
     over = {k: v for k, v in run_over.items() if k != "method"}
-    return run_config(profile, over, method=method, extra=extra)
+    return run_config(profile, over, method=method, extra={**(hparams or {}), **extra})
 
 
 def summarise(epochs: list[dict], methods: list[str]) -> list[dict]:
@@ -313,11 +249,12 @@ def summarise(epochs: list[dict], methods: list[str]) -> list[dict]:
 def main(profile: dict, overrides) -> dict:
     import torch
 
-    from ..train import TaskData, resolve_device
+    from ..data.task import TaskData
+    from ..runtime import resolve_device
 
     opts, run_over, hparams = parse_overrides(profile, overrides, NAME, DEFAULTS)
     names = list(opts["methods"])
-    cfgs = {n: method_config(profile, {**hparams, **run_over}, n) for n in names}
+    cfgs = {n: method_config(profile, run_over, n, hparams) for n in names}
     base = cfgs[names[0]]
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +268,7 @@ def main(profile: dict, overrides) -> dict:
     t_start = time.perf_counter()
     for epoch in range(total):
         for m in methods:
-            r = timed_epoch(m, epoch, bool(opts["eval"]), opts["max_batches"])
+            r = measure_epoch(m, epoch, bool(opts["eval"]), opts["max_batches"])
             if epoch >= int(opts["warmup_epochs"]):
                 rows.append(r)
             print(f"timing {base.dataset} epoch {epoch} {m.name}: {r['wall_s']:.2f} s"
@@ -350,113 +287,3 @@ def main(profile: dict, overrides) -> dict:
                "wall_time_s": time.perf_counter() - t_start}
     write_json(out / "summary.json", summary)
     return summary
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def read_benchmarks(root: Path) -> "pd.DataFrame":
-    """Snakemake ``benchmark:`` files (TSV with an ``s`` column) under ``root``, one row per file;
-    method and stage are read off the path's components (``/``, ``_`` and ``.`` separated)."""
-    import re
-
-    import pandas as pd
-
-    from ..config import METHODS
-
-    stages = ("search", "final", "prepare", "pretrain", "study", "studies", "select", "report", "train")
-    rows = []
-    for p in sorted(Path(root).rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
-            continue
-        try:
-            df = pd.read_csv(p, sep="\t")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            continue
-        if "s" not in df.columns or df.empty:
-            continue
-        tokens = [t for part in p.relative_to(root).with_suffix("").parts for t in re.split(r"[_.]", part)]
-        tokens += list(p.relative_to(root).with_suffix("").parts)
-        method = next((t for t in tokens if t in METHODS), "")
-        stage = next((t for t in tokens if t in stages), "")
-        rows.append({"file": p.relative_to(root).as_posix(), "stage": stage, "method": method,
-                     "s": float(pd.to_numeric(df["s"], errors="coerce").mean()),
-                     "max_rss_mb": float(pd.to_numeric(df["max_rss"], errors="coerce").mean())
-                     if "max_rss" in df.columns else float("nan")})
-    return pd.DataFrame(rows)
-
-
-def benchmark_table(bench: "pd.DataFrame") -> "pd.DataFrame":
-    agg = (bench.groupby(["stage", "method"], dropna=False)
-           .agg(jobs=("s", "size"), mean_s=("s", "mean"), median_s=("s", "median"), total_s=("s", "sum"),
-                max_rss_mb=("max_rss_mb", "mean")).reset_index())
-    ref = agg[(agg["method"] == REFERENCE)].set_index("stage")["mean_s"]
-    agg["vs_vpt_deep"] = [r.mean_s / ref[r.stage] if r.stage in ref.index and ref[r.stage] > 0 else float("nan")
-                          for r in agg.itertuples()]
-    return agg
-
-
-def report(study_dir, tables_dir, figures_dir) -> dict:
-    import numpy as np
-    import pandas as pd
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    from ..report.figures import save
-    from ..report.tables import write_table
-
-    study_dir = Path(study_dir)
-    summaries = dataset_summaries(study_dir)
-    written = {}
-    if summaries:
-        rows = []
-        for _, s in summaries:
-            for r in s["methods"]:
-                rows.append({"dataset": s["dataset"], "device": s["device"], **r,
-                             "trainable_params": s["params"].get(r["method"], {}).get("trainable_params")})
-        df = pd.DataFrame(rows)
-        cols = ["dataset", "method", "wall_s", "wall_median_s", "wall_vs_vpt_deep", "train_vs_vpt_deep",
-                *(f"{p}_s" for p in PHASES),
-                "ppo_update_s", "train_images_per_s", "epoch_images_per_s", "mem_peak_mb", "mem_extra_mb",
-                "trainable_params", "epochs"]
-        notes = [f"{s['dataset']}: {s['device_name']}, {s['threads']} threads, batch {s['batch_size']}, "
-                 f"{s['methods'][0]['train_images']} training images per epoch, means over "
-                 f"{s['options']['epochs']} timed epochs (after {s['options']['warmup_epochs']} untimed), "
-                 f"memory: {s['memory']}" for _, s in summaries]
-        notes.append("wall_vs_vpt_deep: epoch wall time / VPT-Deep's in the same process; train_vs_vpt_deep: "
-                     "(data + forward/backward + optimiser + scoring + allocation) / VPT-Deep's training phases")
-        written["timing"] = write_table(df[[c for c in cols if c in df]], tables_dir, "timing",
-                                        "Time per epoch by phase (s), ratios to VPT-Deep, memory (MB)", notes)
-        datasets = list(dict.fromkeys(df["dataset"]))
-        fig = Figure(figsize=(max(4.5, 1.0 + 1.3 * df["method"].nunique()) * len(datasets) ** 0.5 + 1, 3.8),
-                     layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(datasets), squeeze=False)[0])
-        colors = colormaps["tab10"]
-        for ax, ds in zip(axes, datasets):
-            d = df[df["dataset"] == ds]
-            bottom = np.zeros(len(d))
-            for i, p in enumerate(PHASES):
-                v = d[f"{p}_s"].to_numpy(dtype=float)
-                ax.bar(d["method"], v, bottom=bottom, label=p.replace("_", "+") if p == "forward_backward" else p,
-                       color=colors(i))
-                bottom += v
-            for x, (tot, ratio) in enumerate(zip(bottom, d["wall_vs_vpt_deep"])):
-                ax.text(x, tot, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=7)
-            ax.set_title(ds)
-            ax.set_ylabel("seconds per epoch")
-            ax.tick_params(axis="x", rotation=30, labelsize=8)
-        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        fig.suptitle("Time per epoch by phase (label: ratio to VPT-Deep)")
-        written["timing_phases"] = save(fig, figures_dir, "timing_phases")
-    bench_root = study_dir.parent.parent / "benchmarks"
-    if bench_root.is_dir():
-        bench = read_benchmarks(bench_root)
-        if not bench.empty:
-            written["timing_benchmarks"] = write_table(
-                benchmark_table(bench), tables_dir, "timing_benchmarks",
-                "Snakemake benchmark files: wall seconds per job by stage and method",
-                [f"{len(bench)} files under {bench_root.name}/; vs_vpt_deep: mean job time / VPT-Deep's in the "
-                 "same stage (jobs may have shared the machine)"])
-    if not written:
-        return {"skipped": f"{study_dir}: no */summary.json and no benchmark files"}
-    return written
