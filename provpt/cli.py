@@ -1,48 +1,62 @@
 """``provpt <command>``: thin wrappers that parse, validate and call one library function each.
 
 Every command takes ``--profile params/<name>.yaml`` and ``key=value`` overrides (YAML values;
-dotted keys reach nested sections, e.g. ``relocation.allocator=thompson``).
+dotted keys reach nested sections, e.g. ``relocation.allocator=thompson``). A run's configuration
+always comes from :func:`provpt.config.resolve` (``provpt config`` prints it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, apply_overrides, load_profile
+import yaml
+
+from . import __version__
+from .config import RUN_KEYS, STAGES, STUDIES, ConfigError, apply_overrides, read_profile, read_selection, resolve
 
 
 def _profile(args) -> dict:
-    return load_profile(args.profile) if args.profile else {}
+    return read_profile(args.profile) if args.profile else {}
 
 
-def _run_config(args, extra: dict | None = None) -> RunConfig:
-    profile = _profile(args)
-    overrides = list(args.overrides)
-    base = profile.get("train", {})
-    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), base.get("method"))
-    per_method = (profile.get("train_by_method") or {}).get(method, {})
-    cfg = apply_overrides(apply_overrides(base, per_method), {**(extra or {})})
-    return RunConfig.from_dict(apply_overrides(cfg, overrides), args.profile or "overrides")
+def _run_config(args):
+    hparams = read_selection(args.hparams) if getattr(args, "hparams", None) else None
+    return resolve(_profile(args) or None, None, getattr(args, "stage", None), args.overrides, hparams)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
+def cmd_config(args) -> None:
+    print(yaml.safe_dump(_run_config(args).to_dict(), sort_keys=False), end="")
+
+
 def cmd_train(args) -> None:
     from .train import run
 
-    extra = {}
-    if args.hparams:
-        sel = json.loads(Path(args.hparams).read_text())
-        extra = {"lr": sel["lr"], "weight_decay": sel["weight_decay"]}
-    cfg = _run_config(args, extra)
+    cfg = _run_config(args)
     metrics = run(cfg)
     evals = ", ".join(f"{s} {v['acc']:.2f}%" for s, v in metrics["eval"].items())
     print(f"{cfg.dataset}/{cfg.method} seed {cfg.seed}: {evals} ({metrics['wall_time_s']:.1f} s) -> {cfg.out}")
+
+
+def cmd_search(args) -> None:
+    from .config import as_mapping
+    from .protocol import search
+
+    over = as_mapping(args.overrides, "command line")
+    missing = [k for k in ("dataset", "method") if k not in over]
+    if missing:
+        raise ConfigError(f"search: give {' and '.join(f'{k}=' for k in missing)} (the grid is per dataset and method)")
+    dataset, method = over.pop("dataset"), over.pop("method")
+    for m in search(_profile(args), dataset, method, args.out, args.lr, over):
+        evals = ", ".join(f"{s} {v['acc']:.2f}%" for s, v in m["eval"].items())
+        print(f"{dataset}/{method} lr {m['lr']:g} wd {m['weight_decay']:g}: {evals}")
 
 
 def cmd_select(args) -> None:
@@ -66,26 +80,21 @@ def cmd_pretrain(args) -> None:
     from .pretrain import pretrain
 
     profile = apply_overrides(_profile(args), args.overrides)
-    train, opts = profile.get("train", {}), dict(profile.get("pretrain") or {})
+    train, opts = resolve(profile or None), dict(profile.get("pretrain") or {})
     fmnist = (profile.get("mini") or {}).get("fmnist_dir")
     if fmnist:
         opts.setdefault("fmnist_dir", fmnist)
-    out = args.out or train.get("weights")
+    out = args.out or train.weights
     if not out:
         raise ConfigError("pretrain: no --out and no train.weights in the profile")
-    result = pretrain(train.get("backbone"), train.get("backbone_kwargs", {}), out, **opts)
+    result = pretrain(train.backbone, train.backbone_kwargs, out, **opts)
     print(json.dumps(result, indent=2))
 
 
 def cmd_study(args) -> None:
-    import importlib
+    from .studies import study_module
 
-    try:
-        module = importlib.import_module(f"provpt.studies.{args.name}")
-    except ModuleNotFoundError:
-        raise ConfigError(f"unknown study {args.name!r}: expected correlation, timing, adjustment or allocators") from None
-    profile = _profile(args)
-    summary = module.main(profile, args.overrides)
+    summary = study_module(args.name).main(_profile(args), args.overrides)
     print(json.dumps(summary, indent=2, default=str)[:2000])
 
 
@@ -103,6 +112,7 @@ def cmd_report(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provpt", description=__doc__)
+    p.add_argument("--version", action="version", version=f"provpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
@@ -111,23 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    def run_args(sp):
+        sp.add_argument("--stage", choices=STAGES, help="protocol stage: its splits, seed (search) and overrides")
+        sp.add_argument("--hparams", help="selection JSON (provpt select) whose lr and weight_decay to use")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides of the run config (dataset=, method=, ...)")
+
     sp = add("prepare", cmd_prepare, "generate (embedded profiles) and cache a profile's datasets as tensors")
     sp.add_argument("--dataset", help="only this dataset (default: all of the profile's)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the profile")
     sp = add("pretrain", cmd_pretrain, "pretrain the embedded tiny ViT on Fashion-MNIST")
     sp.add_argument("--out", help="backbone file to write (default: the profile's train.weights)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides of the profile")
-    sp = add("train", cmd_train, "one training run into one run folder (resumes an unfinished one)")
-    sp.add_argument("--hparams", help="selection JSON whose lr and weight_decay to use")
-    sp.add_argument("overrides", nargs="*", help="key=value overrides of the run config (dataset=, method=, ...)")
+    run_args(add("config", cmd_config, "print the resolved configuration of one run (as `train` would run it)"))
+    run_args(add("train", cmd_train, "one training run into one run folder (resumes an unfinished one)"))
+    sp = add("search", cmd_search, "train a method's lr x wd search grid on one dataset, one folder per point")
+    sp.add_argument("--out", required=True, help="folder of the method's search runs (lr<lr>_wd<wd>/ each)")
+    sp.add_argument("--lr", type=float, action="append", help="only this grid lr (repeatable)")
+    sp.add_argument("overrides", nargs="*", help="dataset=<d> method=<m> and run-config overrides")
     sp = add("select", cmd_select, "pick lr/wd from search runs by last-epoch eval accuracy")
     sp.add_argument("--runs", nargs="+", required=True, help="search run folders")
     sp.add_argument("--out", required=True, help="selection JSON to write")
-    sp.add_argument("--dataset", help="(recorded only)")
-    sp.add_argument("--method", help="(recorded only)")
-    sp = add("study", cmd_study, "run one of the studies (correlation, timing, adjustment, allocators)")
-    sp.add_argument("name")
-    sp.add_argument("overrides", nargs="*", help="key=value overrides")
+    sp = add("study", cmd_study, "run one study job (one dataset; one seed or variant where that applies)")
+    sp.add_argument("name", choices=STUDIES)
+    sp.add_argument("overrides", nargs="*", help="key=value overrides (study.<option>=, hparams=, run keys)")
     sp = add("report", cmd_report, "tables (CSV/Markdown/LaTeX) and figures from finished runs")
     sp.add_argument("--results", required=True, help="results/<profile> folder")
     return p
@@ -139,8 +155,13 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        sub = parser._subparsers._group_actions[0].choices[args.command]  # that command's own usage
+        hint = next((f" (run keys are key=value: {e.lstrip('-').split('=')[0]}=...)" for e in stray
+                     if e.startswith("--") and e.lstrip("-").split("=")[0].replace("-", "_") in RUN_KEYS), "")
+        sub.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
+    # one line per epoch (provpt.train's logger) on stderr: what `tail -f` on a job's log shows
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.fn(args)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "lora", "adapter")
-PROMPT_METHODS = ("vpt-shallow", "vpt-deep", "pro-vpt")
+STUDIES = ("correlation", "timing", "adjustment", "allocators")
+STAGES = ("search", "final")
 
 
 class ConfigError(ValueError):
@@ -166,42 +167,19 @@ class RunConfig:
     # -------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        reloc = d.pop("relocation", None) or {}
-        if not isinstance(reloc, dict):
-            raise ConfigError(f"{source}: 'relocation' must be a mapping")
-        rnames = {f.name for f in dataclasses.fields(RelocationConfig)}
-        bad = sorted(set(reloc) - rnames)
-        if bad:
-            raise ConfigError(f"{source}: unknown key(s) relocation.{bad}; known: {sorted(rnames)}")
-        cfg = cls(**{k: _coerce(cls, k, v, source) for k, v in d.items()})
-        cfg.relocation = RelocationConfig(
-            **{k: _coerce(RelocationConfig, k, v, source, "relocation.") for k, v in reloc.items()}
-        )
-        cfg.validate(source)
-        return cfg
-
-    @classmethod
-    def from_profile(cls, profile: str | os.PathLike | dict | None, overrides=()) -> "RunConfig":
-        """Defaults of ``profile['train']`` plus overrides (``key=value`` strings or a dict)."""
-        if profile is None:
-            base, src = {}, "overrides"
-        elif isinstance(profile, dict):
-            base, src = profile.get("train", {}), "profile"
-        else:
-            base, src = load_profile(profile).get("train", {}), str(profile)
-        return cls.from_dict(apply_overrides(base, overrides), src)
+        """A complete run configuration from one mapping (e.g. a run folder's ``config.yaml``)."""
+        layer = _checked(d, source)
+        return _build(layer, {k: source for k in _flat_keys(layer)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str | dict = "config") -> None:
+        """Ranges and choices; ``source`` names where the values came from (or maps key -> source)."""
+
         def bad(key, value, expected):
-            raise ConfigError(f"{source}: {key}={value!r}: expected {expected}")
+            where = source.get(key, "defaults") if isinstance(source, dict) else source
+            raise ConfigError(f"{where}: {key}={value!r}: expected {expected}")
 
         if self.method not in METHODS:
             bad("method", self.method, f"one of {list(METHODS)}")
@@ -291,3 +269,175 @@ def _coerce(cls, key: str, value: Any, source: str, prefix: str = "") -> Any:
     if isinstance(proto, str) or proto is None:
         return str(value)
     return value
+
+
+# ----------------------------------------------------------------------------- resolve: the one road
+
+_RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+RUN_KEYS = frozenset(_RUN_FIELDS)
+_RELOC_FIELDS = {f.name for f in dataclasses.fields(RelocationConfig)}
+
+
+def as_mapping(overrides, source: str = "overrides") -> dict:
+    """``key=value`` strings (YAML values, dotted keys) or a mapping (nested or dotted) -> nested dict."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    elif isinstance(overrides, str):
+        raise ConfigError(f"{source}: expected a list of key=value strings, got the string {overrides!r}")
+    else:
+        items = [_split(o) for o in overrides]
+    return apply_overrides({}, dict(items))
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if k == "relocation" and isinstance(v, dict) and not prefix:
+            out += _flat_keys(v, "relocation.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def _did_you_mean(unknown, known, prefix: str = "") -> str:
+    import difflib
+
+    close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
+    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def _checked(layer: dict, source: str) -> dict:
+    """One layer of run keys, unknown keys rejected and every value coerced to its field's type."""
+    layer = dict(layer or {})
+    unknown = sorted(set(layer) - _RUN_FIELDS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}{_did_you_mean(unknown, _RUN_FIELDS)}; "
+                          f"known keys: {sorted(_RUN_FIELDS)}")
+    out = {k: _coerce(RunConfig, k, v, source) for k, v in layer.items() if k != "relocation"}
+    if "relocation" in layer:
+        reloc = layer["relocation"] or {}
+        if not isinstance(reloc, dict):
+            raise ConfigError(f"{source}: 'relocation' must be a mapping, got {reloc!r}")
+        bad = sorted(set(reloc) - _RELOC_FIELDS)
+        if bad:
+            raise ConfigError(f"{source}: unknown key(s) {['relocation.' + b for b in bad]}"
+                              f"{_did_you_mean(bad, _RELOC_FIELDS, 'relocation.')}; "
+                              f"known: {sorted('relocation.' + k for k in _RELOC_FIELDS)}")
+        out["relocation"] = {k: _coerce(RelocationConfig, k, v, source, "relocation.") for k, v in reloc.items()}
+    return out
+
+
+def _build(merged: dict, origins: dict) -> RunConfig:
+    merged = dict(merged)
+    reloc = merged.pop("relocation", {}) or {}
+    cfg = RunConfig(**merged)
+    cfg.relocation = RelocationConfig(**reloc)
+    cfg.validate(origins)
+    return cfg
+
+
+def profile_source(profile) -> str:
+    if profile is None:
+        return "defaults"
+    if isinstance(profile, dict):
+        return profile.get("_source") or f"profile {profile.get('profile', '?')}"
+    return str(profile)
+
+
+def read_profile(profile) -> dict:
+    """A profile given as a path (its ``base:`` chain merged) or as an already merged mapping."""
+    if profile is None:
+        return {}
+    if isinstance(profile, dict):
+        return profile
+    merged = load_profile(profile)
+    merged["_source"] = str(profile)
+    return merged
+
+
+def stage_layer(profile: dict, stage: str | None) -> dict:
+    """The run keys a stage of the protocol sets: search (train on search.train_split, evaluate on
+    search.eval_split, seed search.seed, then search.overrides) or final (final.train_split ->
+    final.eval_split, then final.overrides)."""
+    if stage is None:
+        return {}
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r}: expected one of {list(STAGES)}")
+    sec = profile.get(stage) or {}
+    layer = {}
+    if sec.get("train_split"):
+        layer["train_split"] = sec["train_split"]
+    if sec.get("eval_split"):
+        layer["eval_splits"] = [sec["eval_split"]]
+    if stage == "search" and sec.get("seed") is not None:
+        layer["seed"] = sec["seed"]
+    return deep_merge(layer, sec.get("overrides") or {})
+
+
+def resolve(profile=None, method: str | None = None, stage: str | None = None, overrides=(),
+            hparams: dict | None = None) -> RunConfig:
+    """The run configuration of one run; every consumer (CLI, studies, Snakemake, DVC) comes here.
+
+    Layers, later ones win: :class:`RunConfig`'s defaults, the profile's ``train`` section, its
+    ``train_by_method[method]``, the ``stage`` protocol (:func:`stage_layer`), ``hparams`` (lr and
+    weight decay of a selection) and ``overrides`` (``key=value`` strings or a mapping). The method
+    is ``method``, else the overrides', else the profile's. An error names the layer a key came from.
+    """
+    prof = read_profile(profile)
+    src = profile_source(profile)
+    over = as_mapping(overrides, "command line")
+    hparams = dict(hparams or {})
+    train = prof.get("train") or {}
+    method = method or over.get("method") or train.get("method") or RunConfig.method
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r}: expected one of {list(METHODS)}")
+    layers = [
+        (f"{src}: train", train),
+        (f"{src}: train_by_method.{method}", ((prof.get("train_by_method") or {}).get(method) or {})),
+        ("method", {"method": method}),
+        (f"{src}: {stage}", stage_layer(prof, stage)),
+        (hparams.pop("_source", "hparams"), hparams),
+        ("command line", over),
+    ]
+    merged, origins = {}, {}
+    for name, layer in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{name}: expected a mapping of run keys, got {layer!r}")
+        checked = _checked(layer, name)
+        merged = deep_merge(merged, checked)
+        origins.update({k: name for k in _flat_keys(checked)})
+    return _build(merged, origins)
+
+
+def fmt(x) -> str:
+    """How a number appears in a folder name: 2.5, 0.0001, 0, 50."""
+    return f"{float(x):g}"
+
+
+def search_grid(profile, method: str) -> tuple[list[str], list[str]]:
+    """A method's search points as they appear in folder names: (lrs, weight decays). The lrs are the
+    method's own list (search.by_method) or the common one, times batch_size / lr_base_batch (the
+    authors' lr x batch/256), i.e. the lr each run uses."""
+    prof = read_profile(profile)
+    s = prof.get("search") or {}
+    grid = ((s.get("by_method") or {}).get(method) or {}).get("lr", s.get("lr") or [])
+    scale = resolve(prof, method, "search").batch_size / s["lr_base_batch"] if s.get("lr_base_batch") else 1.0
+    return [fmt(lr * scale) for lr in grid], [fmt(wd) for wd in s.get("weight_decay") or []]
+
+
+def read_selection(path) -> dict:
+    """lr and weight decay of a ``provpt select`` file, as an ``hparams`` layer for :func:`resolve`."""
+    import json
+
+    p = Path(str(path))
+    if not p.is_file():
+        raise ConfigError(f"hparams {path}: selection file not found (made by `provpt select`)")
+    try:
+        sel = json.loads(p.read_text())
+        return {"lr": sel["lr"], "weight_decay": sel["weight_decay"], "_source": str(p)}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"hparams {path}: not valid JSON ({e})") from None
+    except KeyError as e:
+        raise ConfigError(f"hparams {path}: no {e} in the selection file") from None

@@ -10,6 +10,7 @@ Everything runs on a copy of the repository in tmp_path, never in the checkout.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -38,19 +39,21 @@ FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 # Expected jobs. Search: one job per (dataset, method, lr), each training every weight decay.
 #   vtab1k: 7 methods; linear + 3 prompt methods x 8 lrs, full/lora/adapter x 4 lrs -> 44 lr jobs per
 #           dataset (x 4 wds = 176 runs); 3 seeds; studies: correlation 19 + timing 1 + adjustment 3
-#           per dataset, allocators 19 datasets x 3 seeds.
-#   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 3.
-#   mini:   7 tasks, 4 methods x 2 lrs x 1 wd, 3 seeds, the 4 studies on one task, pretraining.
+#           per dataset, allocators 19 datasets x 5 variants x 3 seeds (one run per job).
+#   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 5 x 3.
+#   mini:   7 tasks, 4 methods x 2 lrs x 1 wd, 3 seeds, 3 studies on one task + allocators' 5
+#           variants (one seed), pretraining.
 #   smoke:  2 tasks, the same grid, 1 seed.
+VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo and vpt-deep come from the grid)
 EXPECTED = {
     "vtab1k": {"prepare": 19, "search_lr": 19 * 44, "select": 19 * 7, "final_run": 19 * 7 * 3,
-               "study": 19 + 1 + 3, "study_seed": 19 * 3, "report": 1, "all": 1},
+               "study": 19 + 1 + 3, "study_variant": 19 * VARIANTS * 3, "report": 1, "all": 1},
     "fgvc": {"prepare": 5, "search_lr": 5 * 44, "select": 5 * 7, "final_run": 5 * 7 * 3,
-             "study": 5 + 1 + 1, "study_seed": 5 * 3, "report": 1, "all": 1},
+             "study": 5 + 1 + 1, "study_variant": 5 * VARIANTS * 3, "report": 1, "all": 1},
     "mini": {"prepare": 7, "pretrain": 1, "search_lr": 7 * 4 * 2, "select": 7 * 4, "final_run": 7 * 4 * 3,
-             "study": 4, "report": 1, "all": 1},
+             "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
     "smoke": {"prepare": 2, "pretrain": 1, "search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4,
-              "study": 4, "report": 1, "all": 1},
+              "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
 }
 
 
@@ -148,18 +151,14 @@ def test_vtab1k_dry_run_time(repo, roots):
 
 
 def test_profiles_valid_and_run_config_loads(repo):
-    """Every profile merges, and its train section is a valid provpt RunConfig for every method."""
-    sys.path.insert(0, str(repo))
-    try:
-        from provpt.config import RunConfig, apply_overrides, load_profile
+    """Every profile merges, and resolves to a valid run configuration for every method and stage."""
+    from provpt.config import STAGES, resolve
 
-        for name in ("mini", "smoke", "vtab1k", "fgvc"):
-            prof = load_profile(repo / "params" / f"{name}.yaml")
-            for method in prof["methods"]:
-                per = (prof.get("train_by_method") or {}).get(method, {})
-                RunConfig.from_dict(apply_overrides(apply_overrides(prof["train"], per), {"method": method}), name)
-    finally:
-        sys.path.remove(str(repo))
+    for name in ("mini", "smoke", "vtab1k", "fgvc"):
+        path = repo / "params" / f"{name}.yaml"
+        for method in yaml.safe_load(path.read_text()).get("methods") or ["linear"]:
+            for stage in (None, *STAGES):
+                assert resolve(path, method, stage).method == method
 
 
 @pytest.mark.parametrize("profile,missing,key", [
@@ -195,12 +194,35 @@ def test_unknown_config_key_and_profile(repo):
 
 
 def test_config_override_reaches_the_commands(repo):
-    """A --config override of a profile section is merged and the jobs read the merged profile."""
+    """A --config override of a profile section is merged and the jobs read the merged profile, a
+    file named by its content: a second dry run with other overrides leaves the first untouched."""
+    profiles = repo / "results/smoke/profiles"
+    shutil.rmtree(repo / "results", ignore_errors=True)
     proc = snakemake(repo, "final", "-n", "-p", "--config", "profile=smoke", "train={epochs: 3}")
-    assert "--profile results/smoke/profile.yaml" in proc.stdout
-    merged = yaml.safe_load((repo / "results/smoke/profile.yaml").read_text())
+    assert '--profile "$PROVPT_PROFILE"' in proc.stdout
+    (first,) = profiles.glob("*.yaml")
+    merged = yaml.safe_load(first.read_text())
     assert merged["train"]["epochs"] == 3 and merged["profile"] == "smoke"
+    assert first.stem == hashlib.sha256(first.read_bytes()).hexdigest()[:12]
+    before = first.read_bytes(), first.stat().st_mtime_ns
+    snakemake(repo, "final", "-n", "--config", "profile=smoke", "train={epochs: 4}")
+    (second,) = set(profiles.glob("*.yaml")) - {first}
+    assert yaml.safe_load(second.read_text())["train"]["epochs"] == 4
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     shutil.rmtree(repo / "results")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train={epoch: 3}", "epoch"),
+    ("train={relocation: {scorin: pass}}", "relocation.scorin"),
+    ("train={epochs: many}", "epochs"),
+    ("studies={correlation: {datasets: [count], pointz: [0]}}", "pointz"),
+])
+def test_typos_fail_when_the_dag_is_built(repo, override, key):
+    """A bad run key or study option fails the dry run, naming the key (not when each job starts)."""
+    proc = snakemake(repo, "-n", "--config", "profile=smoke", override, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and key in out, out[-2000:]
 
 
 # ----------------------------------------------------------------------------- slow: end to end
@@ -292,16 +314,17 @@ def test_smoke_timestamps_do_not_rerun(smoke):
 def test_smoke_profile_edits_rerun_what_they_touch(smoke):
     """Editing the profile reruns the jobs it concerns and everything downstream, nothing else."""
     cases = [
-        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * 4, "report": 1, "all": 1}),
-        ("train={epochs: 3}", {"search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4, "study": 4,
-                               "report": 1, "all": 1}),
+        # (the allocators study trains under the final protocol: its runs rerun too)
+        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * 4, "study_variant": VARIANTS, "report": 1,
+                                                "all": 1}),
+        # (smoke's search runs take their epochs from search.overrides: their configuration is unchanged)
+        ("train={epochs: 3}", {"final_run": 2 * 4, "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
+        ("search={overrides: {epochs: 1}}", {"search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4,
+                                             "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
     ]
-    try:
-        for override, expected in cases:
-            proc = snakemake(smoke, "-n", "--config", "profile=smoke", override)
-            assert job_counts(proc.stdout) == expected, override
-    finally:
-        (smoke / "results/smoke/profile.yaml").unlink(missing_ok=True)
+    for override, expected in cases:
+        proc = snakemake(smoke, "-n", "--config", "profile=smoke", override)
+        assert job_counts(proc.stdout) == expected, override
     assert _nothing_to_do(smoke)
 
 
@@ -340,3 +363,35 @@ def test_dvc_repro(smoke):
     assert "up to date" in status.stdout.lower(), status.stdout
     metrics = run([dvc, "metrics", "show", "--json"], smoke)
     assert "summary.json" in metrics.stdout, metrics.stdout[-2000:]
+
+
+def test_one_merge_site_for_cli_study_and_snakemake_jobs(tmp_path_factory, toy_root):
+    """A default changed in its one place (RunConfig in provpt/config.py) reaches a CLI run, a study
+    run and the run configuration of a Snakemake job: they all resolve through provpt.config."""
+    copy = copy_repo(tmp_path_factory.mktemp("default"))
+    src = copy / "provpt/config.py"
+    text = src.read_text()
+    assert "    prompt_dropout: float = 0.1\n" in text
+    src.write_text(text.replace("    prompt_dropout: float = 0.1\n", "    prompt_dropout: float = 0.3\n"))
+    env = {**ENV, "PYTHONPATH": str(copy)}
+    toy = ["dataset=toy", f"data_root={toy_root}", "backbone=vit_tiny_patch16_224", "epochs=1", "num_prompts=1",
+           "backbone_kwargs={img_size: 16, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "weights=null"]
+
+    def provpt(*args):
+        proc = subprocess.run([str(BIN / "provpt"), *args], cwd=copy, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    provpt("train", "method=vpt-deep", *toy, "out=cli")
+    assert yaml.safe_load((copy / "cli/config.yaml").read_text())["prompt_dropout"] == 0.3
+    provpt("study", "allocators", "study.variant=thompson", *toy, "out=study")
+    assert yaml.safe_load((copy / "study/config.yaml").read_text())["prompt_dropout"] == 0.3
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--config", "profile=smoke"], cwd=copy, env=env,
+                          capture_output=True, text=True)
+    job = next(line[line.index("provpt train"):] for line in proc.stdout.splitlines()
+               if "provpt train" in line and "--stage final" in line)
+    profile = next((copy / "results/smoke/profiles").glob("*.yaml"))
+    args = job.split(" > ")[0].replace('"$PROVPT_PROFILE"', str(profile)).split()[2:]
+    args = [a for i, a in enumerate(args) if a != "--hparams" and (i == 0 or args[i - 1] != "--hparams")
+            and not a.startswith("out=") and not a.endswith(")")]  # (no selection yet; out=$(dirname ...))
+    assert yaml.safe_load(provpt("config", *args))["prompt_dropout"] == 0.3

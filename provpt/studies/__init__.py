@@ -5,123 +5,97 @@
 - :mod:`.adjustment`: which relocation helps most, at 25/50/75% of training (Finding 2);
 - :mod:`.allocators`: PPO vs Thompson/random/greedy, norm pruning, the L^2 action space.
 
-Each module has ``main(profile, overrides) -> summary`` (one job: one dataset, and one seed or
-variant where that applies; it writes ``<out>/summary.json`` last, atomically) and
-``report(study_dir, tables_dir, figures_dir)`` (aggregates every ``<study_dir>/<dataset>/``).
+Each module has ``NAME``, ``DEFAULTS`` (its options) and ``main(profile, overrides) -> summary``
+(one job: one dataset, and one seed or variant where that applies; it writes
+``<out>/summary.json`` last, atomically). Studies compute; their tables and figures are made by
+:mod:`provpt.report`. A module with ``VARIANTS`` has them expanded by the workflow, one job each.
 
 Overrides (``key=value``, YAML values) are of three kinds:
 
 - ``study.<key>=...``: the study's own options; their defaults are the module's ``DEFAULTS``,
-  overridden first by the profile's ``studies.<name>`` section (every key but ``datasets``,
-  ``seeds``, ``hparams``, which belong to the workflow), then by the command line;
-- ``hparams=<selection json>``: take ``lr`` and ``weight_decay`` from a ``provpt select`` file;
-- everything else is a :class:`~provpt.config.RunConfig` key (``dataset``, ``seed``, ``epochs``,
-  ``out`` ...), applied over the profile's ``train`` section and ``train_by_method[method]``.
+  overridden first by the profile's ``studies.<name>`` section (every key but
+  :data:`WORKFLOW_KEYS`, which say which jobs exist), then by the command line;
+- ``hparams=<selection json>``: lr and weight decay from a ``provpt select`` file;
+- everything else is a run key, resolved by :func:`provpt.config.resolve` with the profile.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, _split, apply_overrides
+from ..config import STUDIES, ConfigError, RunConfig, as_mapping, deep_merge, read_selection, resolve
 
-WORKFLOW_KEYS = ("datasets", "seeds", "hparams")
+WORKFLOW_KEYS = ("datasets", "seeds", "hparams", "variants")
 
 
 # ----------------------------------------------------------------------------- options
 
 
-def parse_overrides(profile: dict, overrides, name: str, defaults: dict) -> tuple[dict, dict, dict]:
-    """Split overrides into (study options, run-config overrides, hparams overrides)."""
+def study_module(name: str):
+    """The module of study ``name`` (torch-free at import: the workflow reads its options)."""
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}: expected one of {list(STUDIES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def parse_overrides(profile: dict, overrides, name: str, defaults: dict | None = None) -> tuple[dict, dict, dict]:
+    """Split overrides into (study options, run-config overrides, hparams layer)."""
+    defaults = study_module(name).DEFAULTS if defaults is None else defaults
     study = copy.deepcopy(defaults)
     section = ((profile or {}).get("studies") or {}).get(name) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"profile: studies.{name} must be a mapping")
-    given = [(k, v, "profile") for k, v in section.items() if k not in WORKFLOW_KEYS]
-    run_over, hparams = {}, {}
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
-    for key, value in items:
-        if key.startswith("study."):
-            given.append((key[len("study."):], value, "override"))
-        elif key == "hparams":
-            hparams = read_hparams(value)
-        else:
-            run_over[key] = value
+    given = [(k, v, f"profile studies.{name}") for k, v in section.items() if k not in WORKFLOW_KEYS]
+    over = as_mapping(overrides, "command line")
+    hparams = read_selection(over.pop("hparams")) if over.get("hparams") not in (None, "", "null") else {}
+    over.pop("hparams", None)
+    given += [(k, v, "command line") for k, v in (over.pop("study", None) or {}).items()]
     for key, value, source in given:
         if key not in defaults:
             raise ConfigError(f"study {name}: unknown option {key!r} ({source}); known: {sorted(defaults)}")
         study[key] = value
-    return study, run_over, hparams
+    variants = getattr(study_module(name), "VARIANTS", None)
+    if variants and study.get("variant") is not None and study["variant"] not in variants:
+        raise ConfigError(f"study {name}: unknown variant {study['variant']!r}; expected one of {list(variants)}")
+    return study, over, hparams
 
 
-def read_hparams(path) -> dict:
-    if path in (None, "", "null"):
-        return {}
-    p = Path(str(path))
-    if not p.is_file():
-        raise FileNotFoundError(f"hparams={path}: selection file not found")
-    sel = json.loads(p.read_text())
-    try:
-        return {"lr": sel["lr"], "weight_decay": sel["weight_decay"]}
-    except KeyError as e:
-        raise ConfigError(f"hparams={path}: no {e} in the selection file") from None
+def study_jobs(profile: dict, name: str) -> list[dict]:
+    """The jobs of one study as the workflow expands them: ``{dataset, seed?, variant?}`` each.
+
+    One job per dataset of ``studies.<name>.datasets``; per seed when the section lists ``seeds``;
+    per variant of ``variants`` (default: the module's every variant) for a study with
+    ``VARIANTS``, which then also always has a seed (the profile's first unless listed)."""
+    section = ((profile or {}).get("studies") or {}).get(name) or {}
+    mod = study_module(name)
+    variants = section.get("variants") or (list(mod.VARIANTS) if getattr(mod, "VARIANTS", None) else [None])
+    bad = [v for v in variants if v is not None and v not in getattr(mod, "VARIANTS", {})]
+    if bad:
+        raise ConfigError(f"profile: studies.{name}.variants {bad}: expected some of {list(getattr(mod, 'VARIANTS', {}))}")
+    seeds = section.get("seeds") or ([profile["seeds"][0]] if variants != [None] else [None])
+    return [{"dataset": d, **({"variant": v} if v is not None else {}), **({"seed": k} if k is not None else {})}
+            for d in section.get("datasets") or [] for v in variants for k in seeds]
 
 
 def run_config(profile: dict, run_over: dict, method: str | None = None, extra: dict | None = None,
                stage: str | None = None) -> RunConfig:
-    """The profile's ``train`` (+ ``train_by_method``, + ``final`` protocol if ``stage='final'``),
-    then ``extra`` (study-chosen keys, hparams), then the command line's run overrides."""
-    profile = profile or {}
-    base = profile.get("train") or {}
-    method = run_over.get("method") or method or base.get("method") or "vpt-deep"
-    cfg = apply_overrides(base, (profile.get("train_by_method") or {}).get(method, {}))
-    cfg = apply_overrides(cfg, {"method": method})
-    if stage == "final":
-        final = profile.get("final") or {}
-        if final.get("train_split"):
-            cfg = apply_overrides(cfg, {"train_split": final["train_split"]})
-        if final.get("eval_split"):
-            cfg = apply_overrides(cfg, {"eval_splits": [final["eval_split"]]})
-        cfg = apply_overrides(cfg, final.get("overrides") or {})
-    cfg = apply_overrides(cfg, extra or {})
-    return RunConfig.from_dict(apply_overrides(cfg, run_over), "study")
+    """A study's run: :func:`provpt.config.resolve` with the study-chosen keys (``extra``, e.g. a
+    variant's relocation settings, and the hparams layer) under the command line's overrides."""
+    extra = dict(extra or {})
+    hparams = {k: extra.pop(k) for k in ("lr", "weight_decay", "_source") if k in extra}
+    over = as_mapping(run_over, "command line")
+    method = over.pop("method", None) or method
+    return resolve(profile, method, stage, deep_merge(as_mapping(extra, "study"), over), hparams=hparams)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def write_json(path: Path, obj) -> Path:
-    from ..train import write_atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(clean(obj), indent=2))
-    return path
-
-
-def write_csv(path: Path, df) -> Path:
-    from ..train import write_atomic
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, df.to_csv(index=False))
-    return path
-
-
-def clean(obj):
-    """JSON-safe: NaN/inf -> None, numpy/torch scalars -> Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+from ..io import json_safe as clean, write_csv, write_json  # noqa: E402,F401 (re-exported for the studies)
 
 
 def dataset_summaries(study_dir: Path, pattern: str = "*/summary.json") -> list[tuple[Path, dict]]:
@@ -201,7 +175,8 @@ def setup(cfg: RunConfig, splits=()):
     import torch
 
     from ..model.methods import build_model
-    from ..train import TaskData, resolve_device
+    from ..data.task import TaskData
+    from ..runtime import resolve_device
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -213,11 +188,4 @@ def setup(cfg: RunConfig, splits=()):
     return device, data, model
 
 
-def autocast_for(cfg: RunConfig, device):
-    """The training loop's autocast: bf16 on CUDA under precision auto, else none."""
-    from contextlib import nullcontext
-
-    import torch
-
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+from ..runtime import autocast_for  # noqa: E402,F401 (re-exported: the training loop's autocast)

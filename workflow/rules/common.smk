@@ -4,7 +4,6 @@
 import hashlib
 import json
 import os
-import shlex
 import sys
 from functools import cache
 from pathlib import Path
@@ -17,7 +16,9 @@ sys.path.insert(0, str(Path(workflow.basedir).parent))  # provpt.config from thi
 # Jobs call the `provpt` of the Python that runs snakemake (a .venv need not be activated);
 # with --use-conda the job's environment comes first.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-from provpt.config import ConfigError, apply_overrides, deep_merge, load_profile, parse_value
+from provpt.config import STUDIES, ConfigError, deep_merge, load_profile, parse_value, resolve, search_grid
+from provpt.protocol import search_configs
+from provpt.studies import parse_overrides, study_jobs
 
 
 # ----------------------------------------------------------------------------- the profile
@@ -80,54 +81,54 @@ DATASETS = list(P["datasets"])
 METHODS = list(P["methods"])
 SEEDS = list(P["seeds"])
 FORMAT = P["data"]["format"]
-TRAIN = P["train"]
 RESOURCES = P["resources"]
 
+
+def _resolved(what, fn, *args, **kwargs):
+    """A run configuration through provpt.config.resolve; a bad key fails the DAG, naming it."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        raise WorkflowError(f"profile {PROFILE}: {what}: {e}") from None
+
+
+BASE = _resolved("train", resolve, P)  # the profile's train section, resolved (no method, no stage)
 RES = f"results/{PROFILE}"
 RUNS = f"{RES}/runs"
 LOGS = f"{RES}/logs"
 BENCH = f"{RES}/benchmarks"
-DATA_ROOT = TRAIN["data_root"]
+DATA_ROOT = BASE.data_root
 MANIFEST = f"{DATA_ROOT}/{{dataset}}/manifest.json"
 # mini/smoke pretrain their backbone (an output of this workflow); vtab1k/fgvc read a local file.
-BACKBONE = TRAIN["weights"] if FORMAT == "mini" else None
+BACKBONE = BASE.weights if FORMAT == "mini" else None
 
 # Every provpt command reads the same profile: the merged one (base chain, --config overrides,
-# schema defaults), written next to the results whenever its content changes. One fixed path:
-# an override reruns the jobs whose `cfg` hash it changes, not every job.
-PROFILE_FILE = f"{RES}/profile.yaml"
+# schema defaults), written under a name that is its content hash. A dry run, --lint or another
+# --config never changes a file a queued job reads. Jobs find it as $PROVPT_PROFILE (an envvar, not
+# a param: a new profile reruns only the jobs whose `cfg` hash it changes); a cluster job, which
+# parses this file again on its node, keeps the profile the main process submitted it with.
 _text = f"# {PROFILE}: params/{PROFILE}.yaml merged with its base and the --config overrides (generated)\n"
 _text += yaml.safe_dump(P, sort_keys=False)
-if not Path(PROFILE_FILE).is_file() or Path(PROFILE_FILE).read_text() != _text:
+PROFILE_FILE = f"{RES}/profiles/{hashlib.sha256(_text.encode()).hexdigest()[:12]}.yaml"
+if not Path(PROFILE_FILE).is_file():
     Path(PROFILE_FILE).parent.mkdir(parents=True, exist_ok=True)
-    Path(PROFILE_FILE).write_text(_text)
+    _tmp = Path(f"{PROFILE_FILE}.{os.getpid()}.tmp")
+    _tmp.write_text(_text)
+    os.replace(_tmp, PROFILE_FILE)
+if workflow.is_main_process or not os.environ.get("PROVPT_PROFILE"):
+    os.environ["PROVPT_PROFILE"] = PROFILE_FILE
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
-def fmt(x):
-    """How a number appears in a folder name: 2.5, 0.0001, 0, 50."""
-    return f"{float(x):g}"
-
-
-@cache
-def train_cfg(method):
-    """The profile's train section as `provpt train` sees it for this method."""
-    return apply_overrides(TRAIN, (P.get("train_by_method") or {}).get(method, {}))
-
-
 @cache
 def lrs(method):
-    """The lrs of a method's search as they appear in folder names: its own list (search.by_method)
-    or the common one, times batch_size / lr_base_batch (the authors' lr x batch/256): the lr used."""
-    s = P["search"]
-    grid = (s.get("by_method") or {}).get(method, {}).get("lr", s["lr"])
-    scale = train_cfg(method)["batch_size"] / s["lr_base_batch"] if s.get("lr_base_batch") else 1.0
-    return [fmt(lr * scale) for lr in grid]
+    """A method's search lrs as they appear in folder names (provpt.config.search_grid)."""
+    return _resolved(f"search grid of {method}", search_grid, P, method)[0]
 
 
-WDS = [fmt(wd) for wd in P["search"]["weight_decay"]]  # one list for all methods
+WDS = _resolved("search grid", search_grid, P, METHODS[0])[1]  # one list for all methods
 
 
 def search_runs(dataset, method):
@@ -146,61 +147,82 @@ def final_targets():
     return [f"{RUNS}/final/{d}/{m}/seed{s}/metrics.json" for d in DATASETS for m in METHODS for s in SEEDS]
 
 
+def study_path(name, job):
+    """results/<profile>/studies/<name>/<dataset>[/<variant>][/seed<k>]"""
+    path = Path(RES, "studies", name, job["dataset"], job.get("variant") or "")
+    return str(path / f"seed{job['seed']}" if "seed" in job else path)
+
+
+STUDY_JOBS = {name: _resolved(f"studies.{name}", study_jobs, P, name) for name in P.get("studies", {})}
+
+
 def study_targets():
-    out = []
-    for name, s in P.get("studies", {}).items():
-        for d in s.get("datasets", []):
-            if s.get("seeds"):
-                out += [f"{RES}/studies/{name}/{d}/seed{k}/summary.json" for k in s["seeds"]]
-            else:
-                out.append(f"{RES}/studies/{name}/{d}/summary.json")
-    return out
+    return [f"{study_path(name, job)}/summary.json" for name, jobs in STUDY_JOBS.items() for job in jobs]
 
 
 def prepared_data():
     return [MANIFEST.format(dataset=d) for d in DATASETS] + ([BACKBONE] if BACKBONE else [])
 
 
-# ----------------------------------------------------------------------------- job helpers
+# ----------------------------------------------------------------------------- job configurations
 
 # Keys that change where or how fast a job runs, not what it computes: not part of the params hash.
 RUNTIME_KEYS = {"threads", "device", "progress", "compile", "out", "data_root", "weights"}
 
 
 def digest(*parts):
-    """Short content hash of profile sections, a job's `params: cfg=`: editing the profile reruns
-    the jobs whose hash covers the edit (rerun trigger `params`), and what depends on them."""
+    """Short content hash, a job's `params: cfg=`: editing the profile reruns the jobs whose resolved
+    configuration it changes (rerun trigger `params`), and what depends on them."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _what(cfg):
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS}
+
+
+@cache
+def search_cfgs(dataset, method, lr):
+    root = f"{RUNS}/search/{dataset}/{method}"
+    return _resolved(f"search {dataset}/{method}", search_configs, P, dataset, method, root, [float(lr)])
+
+
+@cache
+def final_cfg(dataset, method, seed):
+    return _resolved(f"final {dataset}/{method}", resolve, P, method, "final", {"dataset": dataset, "seed": int(seed)})
 
 
 def _section(name, drop=()):
     return {k: v for k, v in (P.get(name) or {}).items() if k not in drop}
 
 
-DIGEST = {"data": digest(_section("data", {"source"}), _section("mini", {"fmnist_dir"}),
-                         _section("pretrain", {"threads", "progress"}) if BACKBONE else None,
-                         {k: TRAIN.get(k) for k in ("backbone", "backbone_kwargs")})}
-# (the grid's lists and the seeds say which jobs exist, not what one computes)
-DIGEST["search"] = digest(DIGEST["data"], _section("train", RUNTIME_KEYS), P.get("train_by_method"),
-                          _section("search", {"lr", "weight_decay", "by_method", "lr_base_batch"}))
-DIGEST["final"] = digest(DIGEST["search"], P["final"])
-DIGEST.update({f"study:{name}": digest(DIGEST["search"], {k: v for k, v in st.items() if k not in ("datasets", "seeds")})
-               for name, st in P.get("studies", {}).items()})
-DIGEST["report"] = digest(DIGEST["final"], P.get("studies"), P.get("groups"))
+DATA_DIGEST = digest(_section("data", {"source"}), _section("mini", {"fmnist_dir"}),
+                     _section("pretrain", {"threads", "progress"}) if BACKBONE else None,
+                     BASE.backbone, BASE.backbone_kwargs)
+# Validate every job's run configuration now, not when the job starts.
+for _d in DATASETS:
+    for _m in METHODS:
+        for _lr in lrs(_m):
+            search_cfgs(_d, _m, _lr)
+        for _s in SEEDS:
+            final_cfg(_d, _m, _s)
+STUDY_OPTIONS = {name: _resolved(f"studies.{name}", parse_overrides, P, [], name)[0] for name in STUDY_JOBS}
 
 
-def kv(overrides):
-    """{a: {b: 1}} -> "a.b=1", values as JSON (valid YAML for provpt), shell-quoted."""
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    return " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in flat(overrides or {}))
+def job_digest(kind):
+    """`params: cfg=` of a rule, from the resolved configuration of its job."""
+    if kind == "search":
+        return lambda w: digest(DATA_DIGEST, [_what(c) for c in search_cfgs(w.dataset, w.method, w.lr)])
+    if kind == "final":
+        return lambda w: digest(DATA_DIGEST, _what(final_cfg(w.dataset, w.method, w.seed)))
+    if kind == "study":  # a study's runs: the train section, and the protocol stage its options name
+        return lambda w: digest(DATA_DIGEST, _what(BASE), P.get("train_by_method"), P["studies"][w.study],
+                                P.get(STUDY_OPTIONS[w.study].get("stage") or "", None))
+    if kind == "select":
+        return digest(P["search"]["eval_split"])
+    if kind == "report":
+        return digest(P["final"]["eval_split"], P.get("studies"), P.get("groups"))
+    return DATA_DIGEST
 
 
 # What a training or study job reads: the prepared dataset and (mini) the pretrained backbone.
@@ -216,8 +238,9 @@ def study_inputs(w):
 
 
 def study_args(w, input):
-    seed = [f"seed={w.seed}"] if hasattr(w, "seed") else []
-    return " ".join(seed + ([f"hparams={input.hparams}"] if "hparams" in input.keys() else []))
+    args = [f"seed={w.seed}"] if hasattr(w, "seed") else []
+    args += [f"study.variant={w.variant}"] if hasattr(w, "variant") else []
+    return " ".join(args + ([f"hparams={input.hparams}"] if "hparams" in input.keys() else []))
 
 
 def job_resources(kind):
@@ -265,6 +288,6 @@ if FORMAT in RAW_FILES:
             for _f in RAW_FILES[FORMAT]:
                 if not (Path(_src) / _d / _f).is_file():
                     raise _missing("data.source", _src, f"{_d}/{_f} under the {FORMAT} data root")
-    if not TRAIN.get("weights") or not Path(TRAIN["weights"]).is_file():
+    if not BASE.weights or not Path(BASE.weights).is_file():
         if not all(Path(f).is_file() for f in final_targets() + study_targets()):
-            raise _missing("train.weights", TRAIN.get("weights"), "backbone weights file")
+            raise _missing("train.weights", BASE.weights, "backbone weights file")

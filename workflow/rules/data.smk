@@ -5,8 +5,7 @@ rule prepare:
     output:
         MANIFEST,
     params:
-        profile=PROFILE_FILE,
-        cfg=DIGEST["data"],
+        cfg=job_digest("data"),
     threads: RESOURCES["prepare"].get("threads", 1)
     resources:
         **job_resources("prepare"),
@@ -15,4 +14,4 @@ rule prepare:
     conda:
         "../envs/provpt.yaml"
     shell:
-        "provpt prepare --profile {params.profile} --dataset {wildcards.dataset} > {log} 2>&1"
+        "provpt prepare --profile \"$PROVPT_PROFILE\" --dataset {wildcards.dataset} > {log} 2>&1"

@@ -6,8 +6,7 @@ if BACKBONE:
         output:
             BACKBONE,
         params:
-            profile=PROFILE_FILE,
-            cfg=DIGEST["data"],
+            cfg=job_digest("data"),
         threads: RESOURCES["pretrain"].get("threads", 2)
         resources:
             **job_resources("pretrain"),
@@ -18,5 +17,5 @@ if BACKBONE:
         conda:
             "../envs/provpt.yaml"
         shell:
-            "provpt pretrain --profile {params.profile} --out {output} pretrain.threads={threads}"
+            "provpt pretrain --profile \"$PROVPT_PROFILE\" --out {output} pretrain.threads={threads}"
             " > {log} 2>&1"

@@ -19,12 +19,11 @@ rule report:
             category="Figures",
         ),
     params:
-        profile=PROFILE_FILE,
-        cfg=DIGEST["report"],
+        cfg=job_digest("report"),
         results=lambda w, output: Path(output.tables).parent,
     log:
         f"{LOGS}/report.log",
     conda:
         "../envs/provpt.yaml"
     shell:
-        "provpt report --profile {params.profile} --results {params.results} > {log} 2>&1"
+        "provpt report --profile \"$PROVPT_PROFILE\" --results {params.results} > {log} 2>&1"

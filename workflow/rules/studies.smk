@@ -1,6 +1,6 @@
-# The studies (correlation, timing, adjustment, allocators): one job per dataset listed under
-# studies.<name>.datasets, one per seed when the section lists seeds. Each writes its own folder,
-# complete when summary.json exists.
+# The studies (provpt.config.STUDIES): one job per dataset of studies.<name>.datasets, per seed when
+# the section lists seeds, per variant for a study with variants (provpt.studies.study_jobs).
+# Each job writes its own folder, complete when summary.json exists.
 
 
 rule study:
@@ -9,8 +9,7 @@ rule study:
     output:
         f"{RES}/studies/{{study}}/{{dataset}}/summary.json",
     params:
-        profile=PROFILE_FILE,
-        cfg=lambda w: DIGEST[f"study:{w.study}"],
+        cfg=job_digest("study"),
         extra=study_args,
     threads: RESOURCES["study"].get("threads", 1)
     resources:
@@ -22,7 +21,7 @@ rule study:
     conda:
         "../envs/provpt.yaml"
     shell:
-        "provpt study --profile {params.profile} {wildcards.study} dataset={wildcards.dataset}"
+        "provpt study --profile \"$PROVPT_PROFILE\" {wildcards.study} dataset={wildcards.dataset}"
         " {params.extra} threads={threads} out=$(dirname {output}) > {log} 2>&1"
 
 
@@ -33,3 +32,12 @@ use rule study as study_seed with:
         f"{LOGS}/studies/{{study}}/{{dataset}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/studies/{{study}}/{{dataset}}/seed{{seed}}.tsv"
+
+
+use rule study as study_variant with:
+    output:
+        f"{RES}/studies/{{study}}/{{dataset}}/{{variant}}/seed{{seed}}/summary.json",
+    log:
+        f"{LOGS}/studies/{{study}}/{{dataset}}/{{variant}}/seed{{seed}}.log",
+    benchmark:
+        f"{BENCH}/studies/{{study}}/{{dataset}}/{{variant}}/seed{{seed}}.tsv"

@@ -1,4 +1,5 @@
-# Final runs: the selected lr/wd, one run per seed, on final.train_split, evaluated on final.eval_split.
+# Final runs: the selected lr/wd, one run per seed (`provpt train --stage final`: final.train_split,
+# evaluated on final.eval_split, with final.overrides).
 
 
 rule final_run:
@@ -8,11 +9,7 @@ rule final_run:
     output:
         f"{RUNS}/final/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
     params:
-        profile=PROFILE_FILE,
-        cfg=DIGEST["final"],
-        split=P["final"]["train_split"],
-        eval=P["final"]["eval_split"],
-        extra=kv(P["final"]["overrides"]),
+        cfg=job_digest("final"),
     threads: RESOURCES["train"].get("threads", 1)
     resources:
         **job_resources("train"),
@@ -23,6 +20,5 @@ rule final_run:
     conda:
         "../envs/provpt.yaml"
     shell:
-        "provpt train --profile {params.profile} --hparams {input.hparams} dataset={wildcards.dataset}"
-        " method={wildcards.method} seed={wildcards.seed} train_split={params.split}"
-        " eval_splits={params.eval} {params.extra} threads={threads} out=$(dirname {output}) > {log} 2>&1"
+        "provpt train --profile \"$PROVPT_PROFILE\" --stage final --hparams {input.hparams} dataset={wildcards.dataset}"
+        " method={wildcards.method} seed={wildcards.seed} threads={threads} out=$(dirname {output}) > {log} 2>&1"

@@ -1,0 +1,144 @@
+"""One road from a profile to a run configuration: provpt.config.resolve, its layers and errors, the
+search grid, the study jobs, and the CLI around them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from provpt import cli
+from provpt.config import METHODS, STAGES, STUDIES, ConfigError, RunConfig, resolve, search_grid
+from provpt.studies import parse_overrides, study_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = {
+    "profile": "t", "seeds": [18, 25], "methods": list(METHODS),
+    "train": {"epochs": 7, "lr": 0.5, "relocation": {"scoring": "pass"}},
+    "train_by_method": {"linear": {"lr": 9.0, "epochs": 2}},
+    "search": {"train_split": "train800", "eval_split": "val200", "seed": 18, "lr": [1, 2], "weight_decay": [0, 0.1],
+               "lr_base_batch": 32, "by_method": {"full": {"lr": [0.5]}}, "overrides": {"epochs": 3}},
+    "final": {"train_split": "train800val200", "eval_split": "test", "overrides": {"eval_every": 5}},
+    "studies": {"correlation": {"datasets": ["a", "b"], "hparams": "vpt-deep", "points": [0, 1]},
+                "allocators": {"datasets": ["a"], "variants": ["thompson", "pair"]}},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stage", [None, *STAGES])
+def test_every_method_resolves_at_every_stage(method, stage):
+    cfg = resolve(PROFILE, method, stage, ["dataset=x"])
+    assert cfg.method == method and cfg.dataset == "x" and cfg.relocation.scoring == "pass"
+    expected = {None: ("train800", ["val200"]), "search": ("train800", ["val200"]),
+                "final": ("train800val200", ["test"])}[stage]
+    assert (cfg.train_split, cfg.eval_splits) == expected
+
+
+def test_layers_in_order():
+    assert resolve(PROFILE, "vpt-deep").epochs == 7  # train
+    assert resolve(PROFILE, "linear").epochs == 2  # train_by_method
+    assert resolve(PROFILE, "linear", "search").epochs == 3  # the stage's overrides win over the method's
+    assert resolve(PROFILE, "vpt-deep", "search").seed == 18
+    assert resolve(PROFILE, "vpt-deep", "final").eval_every == 5
+    hp = {"lr": 0.03, "weight_decay": 0.2}
+    assert resolve(PROFILE, "linear", "final", hparams=hp).lr == 0.03  # hparams over train_by_method
+    assert resolve(PROFILE, "linear", "final", ["lr=7"], hparams=hp).lr == 7.0  # the command line last
+    cfg = resolve(PROFILE, None, None, ["method=pro-vpt", "relocation.allocator=thompson"])
+    assert cfg.method == "pro-vpt" and (cfg.relocation.allocator, cfg.relocation.scoring) == ("thompson", "pass")
+    assert resolve(None).to_dict() == RunConfig().to_dict()  # no profile: the defaults
+
+
+@pytest.mark.parametrize("profile,over,words", [
+    (PROFILE, ["epoch=3"], ["command line", "'epoch'", "did you mean epochs"]),
+    (PROFILE, ["relocation.scorin=pass"], ["command line", "relocation.scorin", "relocation.scoring"]),
+    (PROFILE, ["epochs=many"], ["command line", "epochs='many'", "integer"]),
+    (PROFILE, ["epochs=0"], ["command line", "epochs=0", ">= 1"]),
+    ({**PROFILE, "train": {"epochs": "x"}}, [], ["profile t: train", "epochs='x'"]),
+    ({**PROFILE, "train_by_method": {"linear": {"optimizer": "adam"}}}, ["method=linear"],
+     ["train_by_method.linear", "optimizer='adam'"]),
+    ({**PROFILE, "final": {"train_split": "a", "overrides": {"lrr": 1}}}, [], ["profile t: final", "'lrr'"]),
+    (PROFILE, ["method=nope"], ["method='nope'", "pro-vpt"]),
+])
+def test_errors_name_the_layer_and_key(profile, over, words):
+    with pytest.raises(ConfigError) as e:
+        resolve(profile, None, "final", over)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_profile_file_is_named_in_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"train": {"batch_size": 0}}))
+    with pytest.raises(ConfigError, match=f"{path}: train: batch_size=0"):
+        resolve(path)
+
+
+def test_search_grid_scales_lrs_per_method():
+    assert search_grid(PROFILE, "vpt-deep") == (["2", "4"], ["0", "0.1"])  # x 64 / 32
+    assert search_grid(PROFILE, "full") == (["1"], ["0", "0.1"])
+
+
+def test_study_jobs_and_options():
+    assert study_jobs(PROFILE, "correlation") == [{"dataset": "a"}, {"dataset": "b"}]
+    assert study_jobs(PROFILE, "allocators") == [{"dataset": "a", "variant": v, "seed": 18} for v in ("thompson", "pair")]
+    opts, over, hp = parse_overrides(PROFILE, ["study.top=3", "epochs=2"], "correlation")
+    assert opts["points"] == [0, 1] and opts["top"] == 3 and over == {"epochs": 2} and hp == {}
+    with pytest.raises(ConfigError, match="unknown option 'pointz'"):
+        parse_overrides({"studies": {"correlation": {"pointz": [1]}}}, [], "correlation")
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        parse_overrides(PROFILE, ["study.variant=nope"], "allocators")
+    with pytest.raises(ConfigError, match=r"variants \['nope'\]"):
+        study_jobs({"seeds": [1], "studies": {"allocators": {"datasets": ["a"], "variants": ["nope"]}}}, "allocators")
+
+
+def test_schema_lists_are_the_package_lists():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["properties"]["methods"]["items"]["enum"] == list(METHODS)
+    assert schema["properties"]["studies"]["propertyNames"]["enum"] == list(STUDIES)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def cli_run(capsys, *argv) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_cli_config_prints_the_resolved_run(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in PROFILE.items() if k != "profile"}))
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({"lr": 0.25, "weight_decay": 0.01}))
+    code, out = cli_run(capsys, "config", "--profile", str(path), "--stage", "final", "--hparams", str(sel),
+                        "dataset=d", "method=linear", "seed=25")
+    cfg = yaml.safe_load(out)
+    assert code == 0 and (cfg["lr"], cfg["seed"], cfg["train_split"], cfg["eval_every"]) == (0.25, 25, "train800val200", 5)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "--epochs", "3"], ["provpt train", "--epochs", "epochs=..."]),
+    (["train", "--hparams", "nowhere.json", "dataset=x"], ["nowhere.json", "selection file not found"]),
+    (["train", "epoch=3"], ["command line", "epochs"]),
+    (["study", "nope"], ["invalid choice", "correlation"]),
+    (["report", "--results", "nowhere"], ["nowhere", "no runs/ folder"]),
+])
+def test_cli_errors_are_clear(tmp_path, argv, words):
+    proc = subprocess.run([sys.executable, "-m", "provpt.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+
+
+def test_cli_version():
+    from provpt import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "provpt.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"provpt {__version__}"
+
+
+def test_train_on_missing_data_leaves_no_run_folder(tmp_path, capsys):
+    code, out = cli_run(capsys, "train", f"data_root={tmp_path}", "dataset=nope", f"out={tmp_path / 'X'}")
+    assert code == 2 and "nope" in out and not (tmp_path / "X").exists()
