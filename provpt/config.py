@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "lora", "adapter")
+METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-exact", "lora", "adapter")
+RELOCATING = ("pro-vpt", "pro-vpt-exact")  # the methods whose prompts move (VPT-Deep's start)
+# A method's own run keys, the first layer over RunConfig's defaults. pro-vpt is the authors' method
+# as the profile configures it; pro-vpt-exact is ours: the log-gate's exact-removal idleness (online),
+# a shortlist of 8 verified by exact removal on 2 probe batches, the moved prompt's own idleness
+# change as reward, and a PPO update that sees every reward (docs/findings.md says why).
+METHOD_DEFAULTS = {
+    "pro-vpt-exact": {"relocation": {"idleness": "logit", "verify": 8, "probe_batches": 2, "reward": "move",
+                                     "ppo_update": "bandit"}},
+}
 STUDIES = ("correlation", "timing", "adjustment", "allocators")
 STAGES = ("search", "final")
 
@@ -105,7 +114,7 @@ def _split(item: str) -> tuple[str, Any]:
 
 @dataclass
 class RelocationConfig:
-    """PRO-VPT's outer loop (only read for method ``pro-vpt``)."""
+    """PRO-VPT's outer loop (only read for the methods of ``RELOCATING``)."""
 
     enabled: bool = True
     allocator: str = "ppo"  # ppo | thompson | random | greedy
@@ -116,7 +125,11 @@ class RelocationConfig:
     every: int = 1  # relocate every k epochs
     count: int = 1  # prompts moved per relocation
     scale: float = 1e-3  # moved value multiplied by this
-    reward: str = "mean"  # mean | faithful
+    reward: str = "mean"  # mean | faithful | move (the moved prompt's own idleness, before - after)
+    idleness: str = "gate"  # gate (the authors': d loss / d gate on the prompt's value) | logit (exact-removal log-gate)
+    verify: int = 0  # shortlist-and-verify: exact removal of the top-m first-order candidates (0: off)
+    probe_batches: int = 2  # training batches (fixed order) the verification's exact removals use
+    ppo_update: str = "faithful"  # faithful (the authors': Monte-Carlo returns over 2 moves) | bandit
     ppo_update_every: int = 2
     action_space: str = "target"  # target (prune-then-allocate, L actions) | pair (L^2 actions)
 
@@ -218,13 +231,17 @@ class RunConfig:
             "allocator": ("ppo", "thompson", "random", "greedy"),
             "scoring": ("online", "pass"),
             "pruning": ("taylor", "norm"),
-            "reward": ("mean", "faithful"),
+            "reward": ("mean", "faithful", "move"),
+            "idleness": ("gate", "logit"),
+            "ppo_update": ("faithful", "bandit"),
             "action_space": ("target", "pair"),
         }
         for key, allowed in choices.items():
             if getattr(r, key) not in allowed:
                 bad(f"relocation.{key}", getattr(r, key), f"one of {list(allowed)}")
-        for key in ("every", "count", "ppo_update_every"):
+        if r.verify < 0:
+            bad("relocation.verify", r.verify, "an integer >= 0 (0: off)")
+        for key in ("every", "count", "ppo_update_every", "probe_batches"):
             if getattr(r, key) < 1:
                 bad(f"relocation.{key}", getattr(r, key), "an integer >= 1")
         if r.warmup_epochs < 0:
@@ -394,6 +411,7 @@ def resolve(profile=None, method: str | None = None, stage: str | None = None, o
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: expected one of {list(METHODS)}")
     layers = [
+        (f"method defaults of {method}", METHOD_DEFAULTS.get(method, {})),
         (f"{src}: train", train),
         (f"{src}: train_by_method.{method}", ((prof.get("train_by_method") or {}).get(method) or {})),
         ("method", {"method": method}),

@@ -21,7 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .clock import NULL_CLOCK
-from .config import RunConfig
+from .config import RELOCATING, RunConfig
 from .data.task import TaskData
 from .io import file_sha256, json_sha256, save_safetensors, save_torch, write_text
 from .model.methods import build_model, count_parameters, trainable_parameters
@@ -69,7 +69,7 @@ def make_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
 
 def make_relocator(cfg: RunConfig, model):
     """PRO-VPT's relocator for ``model`` (None for every other method, or with relocation off)."""
-    if cfg.method != "pro-vpt" or not cfg.relocation.enabled:
+    if cfg.method not in RELOCATING or not cfg.relocation.enabled:
         return None
     from .relocation.relocator import Relocator
 

@@ -5,7 +5,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from provpt.config import METHODS, RunConfig
+from provpt.config import METHODS, RELOCATING, RunConfig
 from provpt.model.backbone import WeightsError, create_backbone, save_backbone
 from provpt.model.methods import build_model, count_parameters, trainable_parameters
 from provpt.model.prompted_vit import PromptedViT, shallow_distribution
@@ -167,7 +167,7 @@ def test_methods_train_the_right_parameters(method):
     names = [n for n, _ in trainable_parameters(model)]
     counts = count_parameters(model)
     assert "head.weight" in names and "prompts.gates" not in names
-    expected_prompts = {"vpt-shallow": 2, "vpt-deep": 6, "pro-vpt": 6}.get(method, 0)
+    expected_prompts = {"vpt-shallow": 2, "vpt-deep": 6, **dict.fromkeys(RELOCATING, 6)}.get(method, 0)
     assert model.prompts.total == expected_prompts
     backbone = [n for n in names if n.startswith("vit.")]
     if method == "full":

@@ -282,3 +282,24 @@ def test_write_table_formats(tmp_path):
                  r"vpt\_deep &  & 0.00 &  \\", r"\bottomrule", r"\par\footnotesize second\_note"):
         assert part in tex, part
     assert tex.index(r"\end{tabular}") < tex.index("first note") < tex.index(r"\end{table}")
+
+
+def test_relocation_table_counts_reprunes(tmp_path):
+    from provpt.report.tables import relocation_table
+
+    moves = {"pro-vpt": [(1, 5, 0, 2), (2, 5, 2, 0), (3, 7, 1, 1), (4, 5, 0, 3), (6, 9, 3, 1)],  # (epoch, prompt, src, tgt)
+             "pro-vpt-exact": [(1, 5, 0, 2), (2, 8, 1, 3), (3, 9, 2, 0)]}
+    rows = []
+    for method, ms in moves.items():
+        d = tmp_path / "runs" / "final" / "cifar" / method / "seed18"
+        d.mkdir(parents=True)
+        (d / "moves.jsonl").write_text("".join(json.dumps({"epoch": e, "prompt": k, "source": s, "target": t}) + "\n"
+                                               for e, k, s, t in ms))
+        rows.append({"method": method, "dataset": "cifar", "seed": 18, "path": d})
+    table = relocation_table(pd.DataFrame(rows)).set_index(["method", "dataset"])
+    pro = table.loc[("pro-vpt", "cifar")]
+    # prompt 7's move to its own block is no move; prompt 5 moves at 1, 2 (again, previous epoch), 4 (within 3)
+    assert (pro["moves"], pro["distinct"]) == (4, 2)
+    assert pro["reprune_prev_epoch"] == pytest.approx(1 / 4) and pro["reprune_within_3"] == pytest.approx(2 / 4)
+    exact = table.loc[("pro-vpt-exact", "all")]
+    assert (exact["moves"], exact["reprune_within_3"]) == (3, 0.0)

@@ -145,7 +145,7 @@ def test_correlation_study_and_report(root, tmp_path):
     assert [p["epoch"] for p in s["points"]] == [0, 1, 2] and s["eval_images"] == 16
     last = s["points"][-1]
     assert {"online", "pass", "zeroed", "run", "online_vs_pass"} <= set(last["methods"])  # run: pro-vpt's own
-    assert set(last["times_s"]) == {"true", "online", "pass", "zeroed"} and all(t > 0 for t in last["times_s"].values())
+    assert set(last["times_s"]) == {"true", "online", "pass", "logit", "verify", "zeroed"} and all(t > 0 for t in last["times_s"].values())
     scores = pd.read_csv(out / "scores.csv")
     assert len(scores) == 3 * 6 and {"true", "online", "pass", "zeroed"} <= set(scores.columns)
     # resumable: a finished study's run is reused, the summary is rewritten identically in content
@@ -166,7 +166,7 @@ def test_correlation_study_and_report(root, tmp_path):
 # ----------------------------------------------------------------------------- timing
 
 
-@pytest.mark.parametrize("method", ["vpt-deep", "pro-vpt", "pro-vpt-pass"])
+@pytest.mark.parametrize("method", ["vpt-deep", "pro-vpt", "pro-vpt-pass", "pro-vpt-exact"])
 def test_timing_measures_the_training_loops_own_epochs(root, tmp_path, method):
     """The timing study measures train.run's own epochs: same losses, same moves, same prompts."""
     from provpt.data.task import TaskData
@@ -189,9 +189,9 @@ def test_timing_study_phases_add_up_and_report(root, tmp_path):
     out = tmp_path / "results" / "p" / "studies" / "timing" / "toy"
     s = timing.main(profile_for(root), [f"out={out}", "study.epochs=3", "study.warmup_epochs=1"])
     rows = {r["method"]: r for r in s["methods"]}
-    assert list(rows) == ["linear", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-pass"]
+    assert list(rows) == timing.DEFAULTS["methods"]
     epochs = pd.read_csv(out / "epochs.csv")
-    assert len(epochs) == 5 * 3
+    assert len(epochs) == len(rows) * 3
     phases = [f"{p}_s" for p in timing.PHASES]
     assert (epochs[phases] >= 0).all().all()
     measured = epochs[[p for p in phases if p != "other_s"]].sum(axis=1)
@@ -211,7 +211,7 @@ def test_timing_study_phases_add_up_and_report(root, tmp_path):
     assert {"timing", "timing_phases", "timing_benchmarks"} <= set(written)
     bench_table = pd.read_csv(tmp_path / "tables" / "timing_benchmarks.csv")
     assert bench_table.set_index("method").loc["pro-vpt", "vs_vpt_deep"] == pytest.approx(1.5)
-    assert len(pd.read_csv(tmp_path / "tables" / "timing.csv")) == 5
+    assert len(pd.read_csv(tmp_path / "tables" / "timing.csv")) == len(rows)
     assert (tmp_path / "figures" / "timing_phases.png").stat().st_size > 5000
 
 

@@ -37,22 +37,23 @@ VTAB = [
 FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 
 # Expected jobs. Search: one job per (dataset, method, lr), each training every weight decay.
-#   vtab1k: 7 methods; linear + 3 prompt methods x 8 lrs, full/lora/adapter x 4 lrs -> 44 lr jobs per
-#           dataset (x 4 wds = 176 runs); 3 seeds; studies: correlation 19 + timing 1 + adjustment 3
+#   vtab1k: 8 methods; linear + 4 prompt methods x 8 lrs, full/lora/adapter x 4 lrs -> 52 lr jobs per
+#           dataset (x 4 wds = 208 runs); 3 seeds; studies: correlation 19 + timing 1 + adjustment 3
 #           per dataset, allocators 19 datasets x 5 variants x 3 seeds (one run per job).
 #   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 5 x 3.
-#   mini:   7 tasks, 4 methods x 2 lrs x 1 wd, 3 seeds, 3 studies on one task + allocators' 5
+#   mini:   7 tasks, 5 methods x 2 lrs x 1 wd, 3 seeds, 3 studies on one task + allocators' 5
 #           variants (one seed), pretraining.
 #   smoke:  2 tasks, the same grid, 1 seed.
 VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo and vpt-deep come from the grid)
+M = 5  # mini's methods: linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-exact
 EXPECTED = {
-    "vtab1k": {"prepare": 19, "search_lr": 19 * 44, "select": 19 * 7, "final_run": 19 * 7 * 3,
+    "vtab1k": {"prepare": 19, "search_lr": 19 * 52, "select": 19 * 8, "final_run": 19 * 8 * 3,
                "study": 19 + 1 + 3, "study_variant": 19 * VARIANTS * 3, "report": 1, "all": 1},
-    "fgvc": {"prepare": 5, "search_lr": 5 * 44, "select": 5 * 7, "final_run": 5 * 7 * 3,
+    "fgvc": {"prepare": 5, "search_lr": 5 * 52, "select": 5 * 8, "final_run": 5 * 8 * 3,
              "study": 5 + 1 + 1, "study_variant": 5 * VARIANTS * 3, "report": 1, "all": 1},
-    "mini": {"prepare": 7, "pretrain": 1, "search_lr": 7 * 4 * 2, "select": 7 * 4, "final_run": 7 * 4 * 3,
+    "mini": {"prepare": 7, "pretrain": 1, "search_lr": 7 * M * 2, "select": 7 * M, "final_run": 7 * M * 3,
              "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
-    "smoke": {"prepare": 2, "pretrain": 1, "search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4,
+    "smoke": {"prepare": 2, "pretrain": 1, "search_lr": 2 * M * 2, "select": 2 * M, "final_run": 2 * M,
               "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
 }
 
@@ -315,11 +316,11 @@ def test_smoke_profile_edits_rerun_what_they_touch(smoke):
     """Editing the profile reruns the jobs it concerns and everything downstream, nothing else."""
     cases = [
         # (the allocators study trains under the final protocol: its runs rerun too)
-        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * 4, "study_variant": VARIANTS, "report": 1,
+        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * M, "study_variant": VARIANTS, "report": 1,
                                                 "all": 1}),
         # (smoke's search runs take their epochs from search.overrides: their configuration is unchanged)
-        ("train={epochs: 3}", {"final_run": 2 * 4, "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
-        ("search={overrides: {epochs: 1}}", {"search_lr": 2 * 4 * 2, "select": 2 * 4, "final_run": 2 * 4,
+        ("train={epochs: 3}", {"final_run": 2 * M, "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
+        ("search={overrides: {epochs: 1}}", {"search_lr": 2 * M * 2, "select": 2 * M, "final_run": 2 * M,
                                              "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
     ]
     for override, expected in cases:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import RELOCATING
 from .backbone import create_backbone
 from .prompted_vit import PromptedViT, shallow_distribution, uniform_distribution
 
@@ -33,12 +34,15 @@ def add_lora(vit: nn.Module, rank: int) -> None:
     inject_adapter_in_model(cfg, vit)
 
 
+GATES = ("prompts.gates", "prompts.log_gates")  # in the graph for their gradients, never optimised
+
+
 def build_model(cfg, num_classes: int) -> PromptedViT:
     """The network of ``cfg.method`` with the right parameters trainable (gates never are)."""
     vit = create_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
     L = len(vit.blocks)
     method = cfg.method
-    if method in ("vpt-deep", "pro-vpt"):
+    if method in ("vpt-deep", *RELOCATING):
         dist, shallow = uniform_distribution(L, cfg.num_prompts), False
     elif method == "vpt-shallow":
         dist, shallow = shallow_distribution(L, cfg.num_prompts), True
@@ -56,17 +60,20 @@ def build_model(cfg, num_classes: int) -> PromptedViT:
     model = PromptedViT(vit, num_classes, dist, shallow=shallow,
                         prompt_dropout=cfg.prompt_dropout if dist else 0.0)
     model.finetune_backbone = method == "full"
-    model.prompts.gates.requires_grad_(bool(dist))
+    logit = method in RELOCATING and cfg.relocation.idleness == "logit"
+    model.prompts.log_gated = logit
+    model.prompts.gates.requires_grad_(bool(dist) and not logit)
+    model.prompts.log_gates.requires_grad_(bool(dist) and logit)
     return model
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Parameters the optimiser updates: everything with requires_grad except the gates."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and n != "prompts.gates"]
+    """Parameters the optimiser updates: everything with requires_grad except the (log-)gates."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in GATES]
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    total = sum(p.numel() for n, p in model.named_parameters() if n != "prompts.gates")
+    total = sum(p.numel() for n, p in model.named_parameters() if n not in GATES)
     head = sum(p.numel() for p in model.head.parameters())
     return {"trainable_params": trainable, "trainable_params_no_head": trainable - head, "total_params": total}

@@ -4,7 +4,9 @@
 position embedding, blocks, final norm) and runs them in timm's order; nothing of timm is forked
 or patched. Before block i the previous block's prompt outputs are dropped and block i's prompts
 are inserted right after the prefix (CLS) tokens (deep mode). In shallow mode the prompts enter
-before block 0 and are carried through the depth. Zero prompts give exactly the plain ViT.
+before block 0 and are carried through the depth. Zero prompts give exactly the plain ViT. With
+the prompt bank's log-gates on, each block gets its prompts' attention-logit bias as timm's own
+``attn_mask`` argument (``Block.forward(x, attn_mask)``), nothing patched.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ class PromptedViT(nn.Module):
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         prefix, batch, n_prev = vit.num_prefix_tokens, x.shape[0], 0
+        bias = None
         for i, blk in enumerate(vit.blocks):
             if i == 0 or not self.shallow:
                 p = self.prompts.tokens(i, batch)
                 if p.shape[1] or n_prev:
                     x = torch.cat([x[:, :prefix], p.to(x.dtype), x[:, prefix + n_prev:]], dim=1)
                     n_prev = p.shape[1]
-            x = blk(x)
+                bias = self.prompts.attn_bias(i, x.shape[1], prefix, x) if n_prev else None
+            x = blk(x) if bias is None else blk(x, attn_mask=bias)
         x = vit.norm(x)
         if vit.global_pool == "avg":
             return x[:, prefix + n_prev:].mean(dim=1)

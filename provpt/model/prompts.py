@@ -5,6 +5,12 @@ its block index (and order): the parameter object, its optimiser state (momentum
 checkpoint layout stay valid. Each prompt has a gate fixed at 1 that multiplies its value in the
 forward pass; ``d loss / d gate_k = g_k . p_k`` is then PRO-VPT's Taylor idleness score, and it
 accumulates in ``gates.grad`` during the ordinary backward pass. Gates are never optimised.
+
+Each prompt also has a log-gate ``b_k`` (0, never optimised), used when ``log_gated`` is on: an
+additive bias on the attention logits of prompt k's key in its block, passed to timm's blocks as
+their ``attn_mask`` (:meth:`attn_bias`). ``b_k = -inf`` removes the prompt exactly (no query
+attends to it, and its own output is dropped before the next block), and ``d loss / d b_k`` at 0
+is the first-order estimate of removing it, whatever LayerNorm's eps or the prompt's scale.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class PromptBank(nn.Module):
         self.num_blocks = len(counts)
         self.values = nn.Parameter(torch.empty(n, dim).uniform_(-init_range, init_range))
         self.gates = nn.Parameter(torch.ones(n))
+        self.log_gates = nn.Parameter(torch.zeros(n), requires_grad=False)
+        self.log_gated = False  # pass attn_bias to the blocks (PRO-VPT with relocation.idleness=logit)
         self.register_buffer("block", torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
         self.register_buffer("order", torch.arange(n))
         self.register_buffer("active", torch.ones(n, dtype=torch.bool))
@@ -69,6 +77,19 @@ class PromptBank(nn.Module):
         idx = self.block_indices(i)
         p = self.values[idx] * self.gates[idx, None]
         return self.dropout(p.unsqueeze(0).expand(batch, -1, -1))
+
+    def attn_bias(self, i: int, seq_len: int, start: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Block i's additive attention-logit bias, (1, 1, 1, seq_len): the log-gates of its prompts at
+        key positions ``start..start+n_i``, 0 elsewhere; None when log-gating is off."""
+        if not self.log_gated:
+            return None
+        b = self.log_gates[self.block_indices(i)].to(like.dtype)
+        z = like.new_zeros(start)
+        return torch.cat([z, b, like.new_zeros(seq_len - start - len(b))]).view(1, 1, 1, seq_len)
+
+    def score_param(self, idleness: str) -> nn.Parameter:
+        """The parameter whose gradient is the first-order idleness: gates or log-gates."""
+        return self.log_gates if idleness == "logit" else self.gates
 
     # ------------------------------------------------------------------ relocation
     @torch.no_grad()

@@ -182,7 +182,8 @@ def make_allocator(cfg, num_blocks: int, seed: int = 0) -> Allocator:
     """The allocator of a ``RelocationConfig`` (``allocator``, ``action_space``, ``ppo_update_every``)."""
     pair = cfg.action_space == "pair"
     if cfg.allocator == "ppo":
-        return PPOAllocator(num_blocks, seed, pair, update_every=cfg.ppo_update_every)
+        return PPOAllocator(num_blocks, seed, pair, update_every=cfg.ppo_update_every,
+                            returns=getattr(cfg, "ppo_update", "faithful"))
     kinds = {"thompson": ThompsonAllocator, "random": RandomAllocator, "greedy": GreedyAllocator}
     if cfg.allocator not in kinds:
         raise ValueError(f"relocation.allocator={cfg.allocator!r}: expected one of {['ppo', *kinds]}")

@@ -21,7 +21,8 @@ def _mean_loss(losses: list[float], sizes: list[int]) -> float:
     return sum(l * n for l, n in zip(losses, sizes)) / max(sum(sizes), 1)
 
 
-def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss: bool = False):
+def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss: bool = False,
+                idleness: str = "gate"):
     """Batch-averaged ``d loss / d gate`` over ``batches()``, without touching any ``.grad``.
 
     ``clip`` models the authors' quirk: their scoring pass ran the training step's global
@@ -31,10 +32,15 @@ def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss:
     ``min(1, clip / (||grad(gates, head, ...)|| + 1e-6))``.
 
     With ``return_loss`` also returns the pass's training losses: ``mean`` (per-sample mean) and
-    ``faithful`` (the authors' sum over batches of batch-mean loss / batch size).
+    ``faithful`` (the authors' sum over batches of batch-mean loss / batch size). ``idleness``:
+    ``gate`` (d loss / d gate) or ``logit`` (d loss / d log-gate, the bank must be log-gated).
     """
     bank = model.prompts
-    others = [p for p in model.parameters() if p.requires_grad and p is not bank.values and p is not bank.gates]
+    param = bank.score_param(idleness)
+    gates = (bank.gates, bank.log_gates)
+    others = [p for p in model.parameters() if p.requires_grad and p is not bank.values and all(p is not g for g in gates)]
+    needs_grad = not param.requires_grad
+    param.requires_grad_(True)
     was_training = model.training
     model.train()
     total, count, losses, sizes, faithful = None, 0, [], [], 0.0
@@ -42,7 +48,7 @@ def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss:
         for x, y in batches():
             with torch.enable_grad():
                 loss = loss_fn(model(x), y)
-                wrt = [bank.gates] + (others if clip is not None else [])
+                wrt = [param] + (others if clip is not None else [])
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True)
             g = grads[0].detach()
             if clip is not None:
@@ -55,6 +61,8 @@ def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss:
             faithful += losses[-1] / len(y)
     finally:
         model.train(was_training)
+        if needs_grad:
+            param.requires_grad_(False)
     scores = (total / count).cpu() if count else torch.zeros(bank.total)
     if return_loss:
         return scores, {"mean": _mean_loss(losses, sizes), "faithful": faithful}
@@ -65,25 +73,28 @@ def _bank(model_or_bank):
     return getattr(model_or_bank, "prompts", model_or_bank)
 
 
-def online_scores(bank, num_batches: int) -> torch.Tensor:
-    """Mean gate gradient over the ``num_batches`` training steps since the last reset (a prompt bank,
-    or a model holding one as ``.prompts``)."""
+def online_scores(bank, num_batches: int, idleness: str = "gate") -> torch.Tensor:
+    """Mean gate (or log-gate) gradient over the ``num_batches`` training steps since the last reset
+    (a prompt bank, or a model holding one as ``.prompts``)."""
     bank = _bank(bank)
-    grad = bank.gates.grad
+    grad = bank.score_param(idleness).grad
     if grad is None or num_batches < 1:
         return torch.zeros(bank.total)
     return (grad.detach() / num_batches).cpu()
 
 
 def reset_online(bank) -> None:
-    """Forget the accumulated gate gradients (call at each epoch's end)."""
-    _bank(bank).gates.grad = None
+    """Forget the accumulated gate and log-gate gradients (call at each epoch's end)."""
+    bank = _bank(bank)
+    bank.gates.grad = bank.log_gates.grad = None
 
 
 @torch.no_grad()
-def true_idleness(model, batches, loss_fn) -> torch.Tensor:
-    """Mean loss with all prompts minus mean loss with prompt k removed, eval mode, same data."""
+def true_idleness(model, batches, loss_fn, prompts=None) -> torch.Tensor:
+    """Mean loss with all prompts minus mean loss with prompt k removed, eval mode, same data; for
+    the prompts listed in ``prompts`` only (the others stay 0), or all."""
     bank = model.prompts
+    ks = range(bank.total) if prompts is None else [int(k) for k in prompts]
     was_training = model.training
     model.eval()
     full, without, n = 0.0, torch.zeros(bank.total, dtype=torch.float64), 0
@@ -91,13 +102,15 @@ def true_idleness(model, batches, loss_fn) -> torch.Tensor:
         for x, y in batches():
             b = len(y)
             full += float(loss_fn(model(x), y)) * b
-            for k in range(bank.total):
+            for k in ks:
                 with bank.removed(k):
                     without[k] += float(loss_fn(model(x), y)) * b
             n += b
     finally:
         model.train(was_training)
-    return (full - without) / max(n, 1)
+    out = torch.zeros(bank.total, dtype=torch.float64)
+    out[list(ks)] = ((full - without) / max(n, 1))[list(ks)]
+    return out
 
 
 @torch.no_grad()

@@ -2,10 +2,19 @@
 
 Separate actor and critic MLPs (state-64-64, tanh), a categorical policy (softmax, invalid actions
 masked out), one Adam with lr 3e-4 for the actor and 1e-3 for the critic. An update uses the
-rewarded transitions of the buffer: Monte-Carlo returns (discount 1.0 by default, no terminal
-states), normalised to zero mean and unit (unbiased) std, advantage = return - V(s) recorded at
-action time, 60 full-batch epochs of the clipped objective (0.2) + 0.5 * value MSE - 0.01 *
-entropy; a non-finite loss skips that step; the rewarded transitions are then dropped.
+rewarded transitions of the buffer, with returns by ``returns``:
+
+- ``faithful`` (the authors'): Monte-Carlo returns (discount 1.0 by default, no terminal states),
+  normalised over the buffer to zero mean and unit (unbiased) std. With the authors' two
+  transitions per update the returns ``[r1 + r2, r2]`` normalise to ``[+s, -s] / sqrt(2)``,
+  ``s = sign(r1)``: ``r2`` cancels and only the sign of ``r1`` is learnt (a test pins it);
+- ``bandit``: each move is its own episode (a contextual bandit: a move's reward is its return),
+  normalised by the running mean and std of every reward seen so far in the run (Welford), so
+  each reward keeps its sign and size relative to the others, and a drifting baseline is removed.
+
+Then advantage = return - V(s) recorded at action time, 60 full-batch epochs of the clipped
+objective (0.2) + 0.5 * value MSE - 0.01 * entropy; a non-finite loss skips that step; the
+rewarded transitions are then dropped.
 
 Runs on the CPU, samples from its own ``torch.Generator`` and creates its networks inside
 ``torch.random.fork_rng``, so it never consumes the global RNG of the training loop.
@@ -37,8 +46,12 @@ def fp32(fn):
 class PPO:
     def __init__(self, state_dim: int, num_actions: int, seed: int = 0, lr_actor: float = 3e-4,
                  lr_critic: float = 1e-3, clip: float = 0.2, epochs: int = 60, gamma: float = 1.0,
-                 value_coef: float = 0.5, entropy_coef: float = 0.01, hidden: int = 64):
+                 value_coef: float = 0.5, entropy_coef: float = 0.01, hidden: int = 64, returns: str = "faithful"):
+        if returns not in ("faithful", "bandit"):
+            raise ValueError(f"PPO returns={returns!r}: expected faithful or bandit")
         self.num_actions, self.clip, self.epochs, self.gamma = num_actions, clip, epochs, gamma
+        self.returns_mode = returns
+        self.stats = [0, 0.0, 0.0]  # running count, mean, M2 of the rewards (bandit returns)
         self.value_coef, self.entropy_coef = value_coef, entropy_coef
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -83,6 +96,10 @@ class PPO:
                     del self.buffer[i]
                 else:
                     t["reward"] = float(r)
+                    n, mean, m2 = self.stats
+                    n, delta = n + 1, float(r) - mean
+                    mean += delta / n
+                    self.stats = [n, mean, m2 + delta * (float(r) - mean)]
                 return
         raise RuntimeError("PPO.reward: no action is waiting for a reward")
 
@@ -93,13 +110,7 @@ class PPO:
         batch = [t for t in self.buffer if t["reward"] is not None]
         if not batch:
             return float("nan")
-        returns, running = [], 0.0
-        for t in reversed(batch):
-            running = t["reward"] + self.gamma * running
-            returns.insert(0, running)
-        returns = torch.tensor(returns, dtype=torch.float32)
-        std = returns.std() if len(returns) > 1 else torch.tensor(1.0)
-        returns = (returns - returns.mean()) / (std + 1e-8)
+        returns = self.returns([t["reward"] for t in batch])
         states = torch.stack([t["state"] for t in batch])
         masks = torch.stack([t["mask"] for t in batch])
         actions = torch.tensor([t["action"] for t in batch])
@@ -126,11 +137,25 @@ class PPO:
         self.updates += 1
         return total / valid if valid else float("nan")
 
+    def returns(self, rewards: list[float]) -> torch.Tensor:
+        """The normalised returns of an update's rewards (see the module doc)."""
+        if self.returns_mode == "bandit":
+            n, mean, m2 = self.stats
+            std = (m2 / (n - 1)) ** 0.5 if n > 1 else 1.0
+            return (torch.tensor(rewards, dtype=torch.float32) - mean) / (std + 1e-8)
+        out, running = [], 0.0
+        for r in reversed(rewards):
+            running = r + self.gamma * running
+            out.insert(0, running)
+        out = torch.tensor(out, dtype=torch.float32)
+        std = out.std() if len(out) > 1 else torch.tensor(1.0)
+        return (out - out.mean()) / (std + 1e-8)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "buffer": [dict(t) for t in self.buffer], "updates": self.updates}
+                "buffer": [dict(t) for t in self.buffer], "updates": self.updates, "stats": list(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         self.actor.load_state_dict(state["actor"])
@@ -139,3 +164,4 @@ class PPO:
         self.generator.set_state(state["generator"])
         self.buffer = [dict(t) for t in state["buffer"]]
         self.updates = int(state["updates"])
+        self.stats = list(state.get("stats", [0, 0.0, 0.0]))

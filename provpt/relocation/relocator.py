@@ -29,12 +29,13 @@ pass: pass losses at the starts of t and t+1). ``reward='mean'`` uses per-sample
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 
 from ..clock import NULL_CLOCK
 from .allocators import make_allocator
-from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_pass
+from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_pass, true_idleness
 
 
 def allocator_state(bank, scores: torch.Tensor, pruning: str) -> torch.Tensor:
@@ -44,12 +45,15 @@ def allocator_state(bank, scores: torch.Tensor, pruning: str) -> torch.Tensor:
     return block_sums(scores, bank.block, bank.num_blocks)
 
 
-def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_CLOCK) -> list[dict]:
+def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_CLOCK, verify=None) -> list[dict]:
     """Prune the highest-scoring prompt(s) and let ``allocator`` place each; returns move records.
 
     ``cfg``: a :class:`~provpt.config.RelocationConfig` (``count`` prompts per step, ``scale``,
-    ``pruning``). Taylor pruning moves a prompt only if its score is > 0. A prompt "moved" to its
-    own block is left untouched (as the authors do) but still recorded and rewarded.
+    ``pruning``, ``verify``). Taylor pruning moves a prompt only if its score is > 0. A prompt
+    "moved" to its own block is left untouched (as the authors do) but still recorded and rewarded.
+    ``verify(prompts) -> exact idleness`` (shortlist-and-verify): the ``cfg.verify`` highest scores
+    are a shortlist, and the prompt pruned is the shortlist's highest exact idleness (which must be
+    > 0); the first-order scores still form the allocator's state.
     """
     records = []
     scores = scores.clone().double()
@@ -57,8 +61,17 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
     inf = float("-inf")
     for _ in range(cfg.count):
         masked = scores.masked_fill(~candidates, inf)
-        k = int(masked.argmax())
-        if cfg.pruning == "taylor" and not masked[k] > 0:
+        exact = None
+        if verify is not None and cfg.verify and not allocator.pair:
+            short = torch.topk(masked, min(cfg.verify, int(candidates.sum()))).indices
+            with clock.once("verify"):
+                exact = verify(short.tolist())
+            k = int(short[exact[short].argmax()])
+            decide = float(exact[k])
+        else:
+            k = int(masked.argmax())
+            decide = float(masked[k])
+        if cfg.pruning == "taylor" and not decide > 0:
             break
         block, dist, state = bank.block.cpu(), bank.distribution().cpu(), allocator_state(bank, scores, cfg.pruning)
         if allocator.pair:
@@ -83,7 +96,8 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
                 scores[k] *= cfg.scale  # first-order score of the scaled prompt
         candidates[k] = False
         records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
-                        "score": score, "probs": info["probs"],
+                        "score": score, **({"exact": float(exact[k])} if exact is not None else {}),
+                        "probs": info["probs"],
                         "distribution": bank.distribution().tolist(), "reward": None})
     return records
 
@@ -114,7 +128,7 @@ class Relocator:
         dev = next(model.parameters()).device
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             clip = self.grad_clip if self.cfg.clip_scores else None
-            return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True)
+            return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True, idleness=self.cfg.idleness)
 
     # ------------------------------------------------------------------ per epoch
     def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK) -> list[dict]:
@@ -129,7 +143,11 @@ class Relocator:
             self._settle(scores, loss)
         if not moving or scores is None:
             return []
-        records = relocate(model.prompts, scores, self.allocator, self.cfg, epoch, clock)
+        verify = None
+        if self.cfg.verify and self.cfg.pruning == "taylor":
+            probe = list(itertools.islice(batches(), self.cfg.probe_batches))
+            verify = lambda ks: true_idleness(model, lambda: iter(probe), loss_fn, ks)  # noqa: E731
+        records = relocate(model.prompts, scores, self.allocator, self.cfg, epoch, clock, verify)
         self.pending = list(range(len(self.moves), len(self.moves) + len(records)))
         self.moves.extend(records)
         self.loss_before = copy.deepcopy(loss)
@@ -138,16 +156,25 @@ class Relocator:
     def _settle(self, scores, loss) -> None:
         if not self.pending:
             return
-        r = None
-        if scores is not None and loss is not None and self.loss_before is not None:
-            key = self.cfg.reward
-            r = self.loss_before[key] - loss[key]
-            if self.cfg.pruning == "taylor":
-                r -= float(scores.max())
         for i in self.pending:
+            r = self._reward(self.moves[i], scores, loss)
             self.moves[i]["reward"] = r
             self.allocator.reward(r)
         self.pending = []
+
+    def _reward(self, move: dict, scores, loss) -> float | None:
+        """``faithful``/``mean``: the loss drop since the move minus the largest idleness now (the
+        authors'); ``move``: the moved prompt's own idleness before the move minus its idleness in
+        the new block now (how much more it contributes there), free of the training trend."""
+        if scores is None:
+            return None
+        if self.cfg.reward == "move":
+            return move["score"] - float(scores[move["prompt"]])
+        if loss is None or self.loss_before is None:
+            return None
+        key = self.cfg.reward
+        r = self.loss_before[key] - loss[key]
+        return r - float(scores.max()) if self.cfg.pruning == "taylor" else r
 
     def end_epoch(self, epoch: int, model, num_batches: int, loss_mean: float, loss_faithful: float,
                   clock=NULL_CLOCK) -> None:
@@ -155,7 +182,7 @@ class Relocator:
         self.last_loss = {"mean": float(loss_mean), "faithful": float(loss_faithful)}
         with clock.once("scoring_end"):
             if self.cfg.enabled and self.cfg.scoring == "online" and self.cfg.pruning == "taylor":
-                self.collected = online_scores(model.prompts, num_batches)
+                self.collected = online_scores(model.prompts, num_batches, self.cfg.idleness)
             reset_online(model.prompts)
 
     # ------------------------------------------------------------------ state

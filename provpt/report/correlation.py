@@ -28,6 +28,7 @@ def long_table(summaries) -> pd.DataFrame:
                 rows.append({"dataset": s["dataset"], "point_pct": round(100 * p["fraction"]), "epoch": p["epoch"],
                              "method": m, "pearson": a["pearson"], "spearman": a["spearman"],
                              "kendall": a["kendall"], "argmax_agrees": a["argmax_agrees"],
+                             "pick_in_true_top3": a.get("pick_in_true_top3"),
                              "top_overlap": a["top_overlap"], "sign_agreement": a["sign_agreement"],
                              "magnitude_ratio": a.get("magnitude_ratio"),
                              "decision_agrees": a["decision_agrees"],
@@ -44,7 +45,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return (main.groupby(["dataset", "method"], sort=False)
             .agg(points=("epoch", "size"), pearson=("pearson", "mean"), spearman=("spearman", "mean"),
                  spearman_min=("spearman", "min"), kendall=("kendall", "mean"),
-                 argmax_agrees=("argmax_agrees", "mean"), top_overlap=("top_overlap", "mean"),
+                 argmax_agrees=("argmax_agrees", "mean"), pick_in_true_top3=("pick_in_true_top3", "mean"),
+                 top_overlap=("top_overlap", "mean"),
                  sign_agreement=("sign_agreement", "mean"), magnitude_ratio=("magnitude_ratio", "median"),
                  time_s=("time_s", "mean"),
                  time_true_s=("time_true_s", "mean"), cost_ratio=("cost_ratio", "mean")).reset_index())
@@ -58,7 +60,7 @@ def scatter_figure(scores: pd.DataFrame, df: pd.DataFrame, s: dict) -> Figure:
     for ax, e in zip(axes, pts):
         d = scores[scores["epoch"] == e]
         ys = []
-        for m, mk in (("online", "o"), ("pass", "^"), ("run", "s")):
+        for m, mk in (("online", "o"), ("pass", "^"), ("logit", "x"), ("run", "s")):
             if m in d and d[m].notna().any():
                 ax.scatter(d["true"], d[m], s=10, marker=mk, alpha=0.7, label=m)
                 ys.append(d[m].to_numpy())
@@ -110,16 +112,18 @@ def report(study_dir, tables_dir, figures_dir) -> dict:
                  "through LayerNorm(gate * p), invariant to the gate's scale but for LayerNorm's eps, so "
                  "d loss / d gate is orders of magnitude below the removal effect")
     notes.append("online: gate gradients over the same fixed batches (dropout off); pass: the authors' scoring "
-                 "pass over the training split (dropout on); run: the scores the PRO-VPT run's relocator held; "
-                 "cost ratio = time(true) / time(method)")
+                 "pass over the training split (dropout on); logit: log-gate gradients (first-order exact removal) "
+                 "over the fixed batches; verify: logit's shortlist re-ranked by exact removal on training probe "
+                 "batches; run: the scores the PRO-VPT run's relocator held; cost ratio = time(true) / time(method)")
     shown = df.copy()
-    for c in ("argmax_agrees", "decision_agrees"):
+    for c in ("argmax_agrees", "decision_agrees", "pick_in_true_top3"):
         shown[c] = shown[c].map({True: "yes", False: "no"})
     written["correlation"] = write_table(shown, tables_dir, "correlation",
                                          "Taylor vs true idleness per training point", notes)
     written["correlation_summary"] = write_table(
         summary_table(df), tables_dir, "correlation_summary", "Taylor vs true idleness, mean over training points",
-        ["argmax_agrees: fraction of points where the Taylor argmax is the true argmax; magnitude_ratio: "
+        ["argmax_agrees (top-1): fraction of points where the score's argmax is the true argmax; "
+         "pick_in_true_top3 (top-3): where it is among the 3 truly idlest; magnitude_ratio: "
          "median |score| / median |true idleness| (median over points)"])
     for folder, s in summaries:
         if not (Path(folder) / "scores.csv").is_file():

@@ -134,7 +134,7 @@ def write_figures(runs: pd.DataFrame, groups: dict, figures_dir: Path, split: st
         written["training_curves"] = save(
             training_curves(hist, [t for t in tasks if t in set(hist["dataset"])]), figures_dir, "training_curves")
 
-    pro = runs[runs["method"] == "pro-vpt"]
+    pro = runs[runs["method"] == "pro-vpt"]  # (the authors' method; pro-vpt-exact has its own table rows)
     if pro.empty:
         skipped["distribution_figures"] = "no pro-vpt run: no distribution figures"
         return written, skipped

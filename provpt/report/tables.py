@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from scipy import stats as sps
 
-from ..config import METHODS
+from ..config import METHODS, RELOCATING
 from .runs import write_text
 
 VTAB_GROUPS = {"natural", "specialized", "structured"}
@@ -235,7 +235,8 @@ def paired_tests(x, y) -> dict:
 
 
 def significance_table(runs: pd.DataFrame, groups: dict,
-                       pairs=(("pro-vpt", "vpt-deep"), ("pro-vpt", "linear"))) -> tuple[pd.DataFrame, list]:
+                       pairs=(("pro-vpt", "vpt-deep"), ("pro-vpt-exact", "vpt-deep"), ("pro-vpt-exact", "pro-vpt"),
+                              ("pro-vpt", "linear"))) -> tuple[pd.DataFrame, list]:
     """Paired tests over (task, seed) pairs, then wins/ties/losses per task (first row per comparison:
     all pairs)."""
     rows, notes = [], []
@@ -341,6 +342,38 @@ def write_table(df: pd.DataFrame, tables_dir: Path, stem: str, caption: str, not
             write_text(d / f"{stem}.tex", to_latex(df, caption, stem, notes))]
 
 
+def relocation_table(runs: pd.DataFrame, window: int = 3) -> pd.DataFrame:
+    """Per relocating method and task, from the runs' ``moves.jsonl``: prompts moved, distinct prompts
+    moved, and the re-prune rate: the share of prunes that picked a prompt moved in the previous
+    epoch, or within the last ``window`` epochs (a fresh prompt scaled by 1e-3 picked again)."""
+    from .runs import read_jsonl
+
+    rows = []
+    for r in runs[runs["method"].isin(RELOCATING)].itertuples():
+        path = Path(r.path) / "moves.jsonl"
+        if not path.is_file():
+            continue
+        moves = [m for m in read_jsonl(path) if m["target"] != m["source"]]
+        last: dict[int, int] = {}
+        again1 = again_w = 0
+        for m in moves:
+            e = last.get(m["prompt"])
+            again1 += e is not None and m["epoch"] - e <= 1
+            again_w += e is not None and m["epoch"] - e <= window
+            last[m["prompt"]] = m["epoch"]
+        rows.append({"method": r.method, "dataset": r.dataset, "runs": 1, "moves": len(moves),
+                     "distinct": len(last), "again1": again1, "againw": again_w})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    out = df.groupby(["method", "dataset"], sort=False).sum(numeric_only=True).reset_index()
+    total = df.groupby("method", sort=False).sum(numeric_only=True).reset_index().assign(dataset="all")
+    out = pd.concat([out, total], ignore_index=True)
+    out["reprune_prev_epoch"] = out["again1"] / out["moves"].where(out["moves"] > 0)
+    out[f"reprune_within_{window}"] = out["againw"] / out["moves"].where(out["moves"] > 0)
+    return out[["method", "dataset", "runs", "moves", "distinct", "reprune_prev_epoch", f"reprune_within_{window}"]]
+
+
 def write_tables(runs: pd.DataFrame, selections: pd.DataFrame, groups: dict, tables_dir: Path,
                  split: str = "test") -> tuple[dict, dict]:
     """Write every built-in table; returns ({name: [paths]}, {name: why skipped})."""
@@ -365,6 +398,12 @@ def write_tables(runs: pd.DataFrame, selections: pd.DataFrame, groups: dict, tab
         sig, notes = significance_table(runs, groups)
         written["significance"] = write_table(sig, tables_dir, "significance",
                                               "Paired comparison over (task, seed) pairs", notes)
+        reloc = relocation_table(runs)
+        if not reloc.empty:
+            written["relocation"] = write_table(
+                reloc, tables_dir, "relocation", "Relocation: moves and re-prunes per method",
+                ["moves: prompts that changed block (summed over seeds); distinct: different prompts moved; "
+                 "reprune: share of moves whose prompt had moved in the previous epoch / within 3 epochs"])
         written["summary"] = [write_text(Path(tables_dir) / "summary.json", json.dumps(
             {"eval_split": split, "methods": summary(means, long, runs)}, indent=2) + "\n")]
     if selections.empty:

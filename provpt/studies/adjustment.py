@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import RELOCATING
 from . import (autocast_for, checkpoint_path, parse_overrides, point_epochs, run_config,
                setup, train_studied_run, write_csv, write_json)
 
@@ -171,9 +172,11 @@ def main(profile: dict, overrides) -> dict:
     import pandas as pd
     import torch
 
+    from ..train import load_checkpoint
+
     opts, run_over, hparams = parse_overrides(profile, overrides, NAME, DEFAULTS)
     cfg = run_config(profile, run_over, method=opts["method"], extra=hparams)
-    if cfg.method not in ("vpt-deep", "pro-vpt"):
+    if cfg.method not in ("vpt-deep", *RELOCATING):
         raise ValueError(f"study adjustment: method {cfg.method!r}: expected vpt-deep (or pro-vpt)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,7 @@ def main(profile: dict, overrides) -> dict:
     budget = int(opts["budget_epochs"])
     points, rows = [], []
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
-        ck = torch.load(checkpoint_path(run_dir, epoch), map_location=device, weights_only=False)
+        ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
         t0 = time.perf_counter()
         res = sweep_point(model, data, cfg, ck, budget, bool(opts["pairs"]), split, autocast, seed=cfg.seed + epoch,
                           prune=str(opts["prune"]), prune_batches=int(opts["prune_batches"]))

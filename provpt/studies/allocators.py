@@ -40,6 +40,7 @@ import json
 import time
 from pathlib import Path
 
+from ..config import RELOCATING
 from . import parse_overrides, run_config, write_json
 
 NAME = "allocators"
@@ -99,7 +100,7 @@ def describe_run(run_dir: Path, tol: int = 1, window: int = 3) -> dict:
         moves = [json.loads(line) for line in (run_dir / "moves.jsonl").read_text().splitlines() if line.strip()]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     L = len(history[0]["distribution"]) if history else 0
-    initial = [int(cfg.get("num_prompts", 0))] * L if cfg.get("method") in ("vpt-deep", "pro-vpt") else None
+    initial = [int(cfg.get("num_prompts", 0))] * L if cfg.get("method") in ("vpt-deep", *RELOCATING) else None
     stats = settling([h["distribution"] for h in history], moves, initial, tol, window)
     return {"dataset": metrics["dataset"], "method": metrics["method"], "seed": metrics["seed"],
             "eval": metrics["eval"], "wall_time_s": metrics.get("wall_time_s"), "epochs": metrics.get("epochs"),

@@ -5,6 +5,11 @@ checkpoints at ``study.points``; then at every point, with the checkpoint's prom
 
 - ``true``: true idleness ``loss(all prompts) - loss(prompt k removed)``
   (:func:`provpt.relocation.idleness.true_idleness`) on fixed evaluation batches, dropout off;
+- ``logit``: the log-gate score ``d loss / d b_k`` (the first-order estimate of exact removal), over
+  the same fixed batches as ``online``;
+- ``verify``: shortlist-and-verify: the ``study.verify`` highest ``logit`` scores ranked by exact
+  removal on ``study.probe_batches`` training batches (other ones, as the relocator sees them);
+  its cost is ``logit``'s plus the removals;
 - ``online``: the Taylor score ``d loss / d gate_k`` as the online mode gets it (gate gradients
   accumulated by ordinary backward passes, :func:`~provpt.relocation.idleness.online_scores`), here
   over the *same* fixed batches in one pass with dropout off: the pure first-order error;
@@ -33,6 +38,8 @@ Options (``study.<key>=``; defaults):
   pass: true                 compute the ``pass`` scores
   zeroed: false              compute the ``zeroed`` differences (as costly as ``true``)
   top: 5                     k of the top-k overlap
+  verify: 8                  shortlist size m of ``verify``
+  probe_batches: 2           training batches of ``verify``'s exact removals
   run: null                  an existing run folder (with those checkpoints) instead of ``<out>/run``
 
 Writes ``<out>/run/`` (the run), ``<out>/scores.csv`` (one row per point and prompt),
@@ -43,46 +50,72 @@ Writes ``<out>/run/`` (the run), ``<out>/scores.csv`` (one row per point and pro
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..config import RELOCATING
 from . import (checkpoint_path, parse_overrides, point_epochs, run_config, setup, sync,
                train_studied_run, write_csv, write_json)
 
 NAME = "correlation"
 DEFAULTS = {"method": "vpt-deep", "points": [0, 0.25, 0.5, 0.75, 1], "split": "train", "eval_batches": 4,
+            "verify": 8, "probe_batches": 2,
             "batch_size": None, "order_seed": 0, "pass": True, "zeroed": False, "top": 5, "run": None}
-METHODS = ("online", "pass", "run", "zeroed")
+METHODS = ("online", "pass", "logit", "verify", "run", "zeroed")
 
 
 # ----------------------------------------------------------------------------- scores
 
 
-def gate_gradients(model, batches) -> "torch.Tensor":
-    """Online-style Taylor scores over ``batches()`` in eval mode: gate gradients accumulated by plain
-    ``loss.backward()`` calls, averaged per batch (``online_scores``). Leaves no ``.grad`` behind."""
+def gate_gradients(model, batches, idleness: str = "gate") -> "torch.Tensor":
+    """Online-style first-order scores over ``batches()`` in eval mode: gate (or log-gate) gradients
+    accumulated by plain ``loss.backward()`` calls, averaged per batch (``online_scores``). Leaves no
+    ``.grad`` behind and the bank's log-gating as it was."""
     import torch
     import torch.nn.functional as F
 
     from ..relocation.idleness import online_scores, reset_online
 
-    was = model.training
+    bank = model.prompts
+    was, gated, param = model.training, bank.log_gated, bank.score_param(idleness)
+    grad_was = param.requires_grad
     model.eval()
     model.zero_grad(set_to_none=True)
     reset_online(model)
+    bank.log_gated = gated or idleness == "logit"
+    param.requires_grad_(True)
     n = 0
     try:
         with torch.enable_grad():
             for x, y in batches():
                 F.cross_entropy(model(x).float(), y).backward()
                 n += 1
-        return online_scores(model, n)
+        return online_scores(model, n, idleness)
     finally:
         model.zero_grad(set_to_none=True)
         reset_online(model)
+        param.requires_grad_(grad_was)
+        bank.log_gated = gated
         model.train(was)
+
+
+def shortlist_verify(model, first_order, probe, m: int) -> "np.ndarray":
+    """Shortlist-and-verify as the relocator does it: the ``m`` highest first-order scores, ranked by
+    their exact removal idleness on ``probe`` batches, above every other prompt (kept in first-order
+    order below them). Its argmax is the prompt the relocator would prune."""
+    import torch.nn.functional as F
+
+    from ..relocation.idleness import true_idleness
+
+    s = np.asarray(first_order, dtype=np.float64)
+    short = np.argsort(-s, kind="stable")[:m]
+    exact = true_idleness(model, lambda: iter(probe), F.cross_entropy, short.tolist()).numpy()
+    out = s - s.max() - 1.0 - np.ptp(exact[short])  # every non-shortlisted prompt below the shortlist
+    out[short] = exact[short]
+    return out
 
 
 def zeroed_idleness(model, batches) -> "torch.Tensor":
@@ -135,6 +168,7 @@ def agreement(score, truth, block=None, top: int = 5) -> dict:
     prune_s, prune_t = bool(s.max() > 0), bool(t.max() > 0)
     out = {"pearson": pearson, "spearman": spearman, "kendall": kendall,
            "argmax_agrees": bool(np.argmax(s) == np.argmax(t)),
+           "pick_in_true_top3": bool(np.argmax(s) in set(np.argsort(-t, kind="stable")[:3])),
            "top_overlap": len(top_s & top_t) / k if k else float("nan"),
            "sign_agreement": float(np.mean(np.sign(s) == np.sign(t))),
            "magnitude_ratio": float(np.median(np.abs(s)) / np.median(np.abs(t))) if np.median(np.abs(t)) > 0
@@ -189,6 +223,11 @@ def score_point(model, data, cfg, batches: list, options: dict, seed: int = 0) -
     scores, times = {}, {}
     scores["true"], times["true"] = _timed(device, lambda: true_idleness(model, fixed, F.cross_entropy))
     scores["online"], times["online"] = _timed(device, lambda: gate_gradients(model, fixed))
+    scores["logit"], times["logit"] = _timed(device, lambda: gate_gradients(model, fixed, "logit"))
+    probe = list(itertools.islice(data.batches(cfg.train_split, cfg.batch_size), int(options.get("probe_batches", 2))))
+    m = int(options.get("verify", 8))
+    scores["verify"], t_verify = _timed(device, lambda: shortlist_verify(model, scores["logit"], probe, m))
+    times["verify"] = times["logit"] + t_verify
     if options.get("pass", True):
         train = lambda: data.batches(cfg.train_split, cfg.batch_size)  # noqa: E731
         clip = cfg.grad_clip if cfg.relocation.clip_scores else None
@@ -208,9 +247,11 @@ def main(profile: dict, overrides) -> dict:
     import pandas as pd
     import torch
 
+    from ..train import load_checkpoint
+
     opts, run_over, hparams = parse_overrides(profile, overrides, NAME, DEFAULTS)
     cfg = run_config(profile, run_over, method=opts["method"], extra=hparams)
-    if cfg.method not in ("vpt-deep", "vpt-shallow", "pro-vpt"):
+    if cfg.method not in ("vpt-deep", "vpt-shallow", *RELOCATING):
         raise ValueError(f"study correlation: method {cfg.method!r} has no prompts to score")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +265,7 @@ def main(profile: dict, overrides) -> dict:
 
     rows, points = [], []
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
-        ck = torch.load(checkpoint_path(run_dir, epoch), map_location=device, weights_only=False)
+        ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
         model.load_trainable_state(ck["model"])
         scores, times = score_point(model, data, cfg, batches, opts, seed=cfg.seed + epoch)
         reloc = ck.get("relocator") or {}

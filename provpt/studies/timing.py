@@ -31,7 +31,7 @@ the profile's relocation settings), ``pro-vpt-pass`` (``relocation.scoring=pass`
 method of :data:`provpt.config.METHODS` works too.
 
 Options (``study.<key>=``; defaults):
-  methods: [linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-pass]
+  methods: [linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-pass, pro-vpt-exact]
   epochs: 3              timed epochs per method (3: PPO updates every 2 rewards, so one update
                          falls in them)
   warmup_epochs: 1       untimed epochs first (warm caches, and PRO-VPT moves from epoch 1)
@@ -56,7 +56,7 @@ from pathlib import Path
 from . import autocast_for, parse_overrides, run_config, sync, write_csv, write_json
 
 NAME = "timing"
-DEFAULTS = {"methods": ["linear", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-pass"], "epochs": 3,
+DEFAULTS = {"methods": ["linear", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-pass", "pro-vpt-exact"], "epochs": 3,
             "warmup_epochs": 1, "eval": True, "max_batches": None}
 ALIASES = {"pro-vpt-pass": ("pro-vpt", {"relocation.scoring": "pass"})}  # timed like a method
 PHASES = ("data", "forward_backward", "optimizer", "scoring", "allocation", "eval", "other")
