@@ -23,10 +23,12 @@ RELOCATING = ("pro-vpt", "pro-vpt-exact")  # the methods whose prompts move (VPT
 # A method's own run keys, the first layer over RunConfig's defaults. pro-vpt is the authors' method
 # as the profile configures it; pro-vpt-exact is ours: the log-gate's exact-removal idleness (online),
 # a shortlist of 8 verified by exact removal on 2 probe batches, the moved prompt's own idleness
-# change as reward, and a PPO update that sees every reward (docs/findings.md says why).
+# change as reward, a PPO update that sees every reward, and its moves in the first half of
+# training, 3 per epoch (a moved prompt restarts at 1e-3 of its value and needs epochs to learn
+# again; docs/findings.md says why each).
 METHOD_DEFAULTS = {
     "pro-vpt-exact": {"relocation": {"idleness": "logit", "verify": 8, "probe_batches": 2, "reward": "move",
-                                     "ppo_update": "bandit"}},
+                                     "ppo_update": "bandit", "count": 3, "until": 0.5}},
 }
 STUDIES = ("correlation", "timing", "adjustment", "allocators")
 STAGES = ("search", "final")
@@ -123,6 +125,7 @@ class RelocationConfig:
     clip_scores: bool = False  # authors' quirk: per-batch grad clipping also rescales the pass scores
     warmup_epochs: int = 1  # first epoch (0-indexed) at which prompts move
     every: int = 1  # relocate every k epochs
+    until: float = 1.0  # no move after this fraction of the epochs (1.0: to the end, as the authors)
     count: int = 1  # prompts moved per relocation
     scale: float = 1e-3  # moved value multiplied by this
     reward: str = "mean"  # mean | faithful | move (the moved prompt's own idleness, before - after)
@@ -244,6 +247,8 @@ class RunConfig:
         for key in ("every", "count", "ppo_update_every", "probe_batches"):
             if getattr(r, key) < 1:
                 bad(f"relocation.{key}", getattr(r, key), "an integer >= 1")
+        if not 0 < r.until <= 1:
+            bad("relocation.until", r.until, "a fraction in (0, 1]")
         if r.warmup_epochs < 0:
             bad("relocation.warmup_epochs", r.warmup_epochs, "an integer >= 0")
 

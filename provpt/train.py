@@ -73,7 +73,8 @@ def make_relocator(cfg: RunConfig, model):
         return None
     from .relocation.relocator import Relocator
 
-    return Relocator(cfg.relocation, model.num_blocks, model.prompts.total, cfg.seed, grad_clip=cfg.grad_clip)
+    return Relocator(cfg.relocation, model.num_blocks, model.prompts.total, cfg.seed, grad_clip=cfg.grad_clip,
+                     epochs=cfg.epochs)
 
 
 def lr_at(cfg: RunConfig, epoch: int) -> float:

@@ -212,3 +212,9 @@ def test_relocate_is_a_step_on_a_bank_and_scores():
     stay.act = lambda state, after, source, total: (source, {"probs": [1.0]})
     (move,) = relocate(bank, scores, stay, RelocationConfig(), epoch=5)
     assert move["source"] == move["target"] == 0 and bank.distribution().tolist() == [4, 1, 1]
+
+
+def test_relocation_stops_at_until():
+    r = Relocator(RelocationConfig(until=0.5), 3, 6, epochs=10)
+    assert [e for e in range(10) if r.moves_at(e)] == [1, 2, 3, 4]
+    assert [e for e in range(10) if Relocator(RelocationConfig(), 3, 6, epochs=10).moves_at(e)] == list(range(1, 10))

@@ -173,6 +173,7 @@ def test_timing_measures_the_training_loops_own_epochs(root, tmp_path, method):
     from provpt.train import run
 
     name, extra = timing.ALIASES.get(method, (method, {}))
+    extra = {**extra, "relocation.until": 1.0}  # (3 epochs: let pro-vpt-exact move in every one)
     cfg = run_config(profile_for(root), {"out": str(tmp_path / "run"), "eval_every": 99}, method=name, extra=extra)
     run(cfg)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]

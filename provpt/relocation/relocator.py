@@ -103,8 +103,10 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
 
 
 class Relocator:
-    def __init__(self, cfg, num_blocks: int, total: int, seed: int = 0, grad_clip: float = 0.25):
+    def __init__(self, cfg, num_blocks: int, total: int, seed: int = 0, grad_clip: float = 0.25,
+                 epochs: int | None = None):
         self.cfg, self.num_blocks, self.total, self.grad_clip = cfg, num_blocks, total, grad_clip
+        self.epochs = epochs  # the run's length, for relocation.until
         self.allocator = make_allocator(cfg, num_blocks, seed)
         self.moves: list[dict] = []  # every move record, rewards filled in when settled
         self.pending: list[int] = []  # indices into self.moves waiting for their reward
@@ -115,6 +117,8 @@ class Relocator:
     # ------------------------------------------------------------------ schedule
     def moves_at(self, epoch: int) -> bool:
         c = self.cfg
+        if self.epochs is not None and c.until < 1 and epoch >= c.until * self.epochs:
+            return False
         return c.enabled and epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.every == 0
 
     def _scores(self, model, batches, loss_fn, needed: bool):
