@@ -142,3 +142,20 @@ def test_cli_version():
 def test_train_on_missing_data_leaves_no_run_folder(tmp_path, capsys):
     code, out = cli_run(capsys, "train", f"data_root={tmp_path}", "dataset=nope", f"out={tmp_path / 'X'}")
     assert code == 2 and "nope" in out and not (tmp_path / "X").exists()
+
+
+@pytest.mark.parametrize("profile", ["vtab1k", "fgvc"])
+def test_paper_profiles_run_the_authors_pro_vpt_and_ours_beside_it(profile):
+    path = ROOT / "params" / f"{profile}.yaml"
+    authors = resolve(path, "pro-vpt", "final", ["dataset=x"])
+    r = authors.relocation
+    assert (r.scoring, r.clip_scores, r.reward, r.idleness, r.ppo_update) == ("pass", True, "faithful", "gate",
+                                                                              "faithful")
+    assert (authors.precision, authors.optimizer, authors.schedule, authors.grad_clip) == ("fp32", "sgd", "constant",
+                                                                                          0.25)
+    assert (r.count, r.until, r.scale, r.warmup_epochs, r.allocator) == (1, 1.0, 1e-3, 1, "ppo")
+    ours = resolve(path, "pro-vpt-exact", "final", ["dataset=x"]).relocation
+    assert (ours.idleness, ours.verify, ours.reward, ours.ppo_update, ours.scoring) == ("logit", 8, "move", "bandit",
+                                                                                      "online")
+    assert resolve(path, "vpt-deep").precision == "fp32"
+    assert "pro-vpt-exact" in yaml.safe_load((ROOT / "params/base.yaml").read_text())["methods"]

@@ -51,7 +51,7 @@ def _typed(value):
 def _load():
     path = Path("params") / f"{PROFILE}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in Path("params").glob("*.yaml") if p.stem not in ("base", "repro")))
+        known = ", ".join(sorted(p.stem for p in Path("params").glob("*.yaml") if p.stem not in ("base", "paper", "repro")))
         raise WorkflowError(f"--config profile={PROFILE}: {path} not found (profiles: {known})")
     try:
         prof = load_profile(path)
