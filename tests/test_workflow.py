@@ -396,3 +396,29 @@ def test_one_merge_site_for_cli_study_and_snakemake_jobs(tmp_path_factory, toy_r
     args = [a for i, a in enumerate(args) if a != "--hparams" and (i == 0 or args[i - 1] != "--hparams")
             and not a.startswith("out=") and not a.endswith(")")]  # (no selection yet; out=$(dirname ...))
     assert yaml.safe_load(provpt("config", *args))["prompt_dropout"] == 0.3
+
+
+def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
+    """The vtab1k DAG under the slurm profile: GPU rules on the GPU partition with gpu=1 and the
+    profile's memory and runtime, the rest on the CPU partition, threads from params/ (nothing in the
+    workflow profile caps cores or GPUs for the whole cluster)."""
+    default = yaml.safe_load((repo / "workflow/profiles/default/config.yaml").read_text())
+    assert "cores" not in default and "resources" not in default
+    slurm = yaml.safe_load((repo / "workflow/profiles/slurm/config.yaml").read_text())
+    rules = {"search_lr", "final_run", "study", "study_seed", "study_variant"}
+    assert set(slurm["set-resources"]) == rules and "cpus_per_task" not in slurm["default-resources"]
+    proc = snakemake(repo, "-n", "-p", "--profile", "workflow/profiles/slurm", "--cores", "1000", "--config",
+                     *paths_config("vtab1k", roots))
+    seen = {}
+    for block in proc.stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        res = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", block).group(1).split(", "))
+        threads = re.search(r" threads=(\d+) ", block)
+        seen.setdefault(rule, (res, threads and int(threads.group(1))))
+    for rule in ("search_lr", "final_run", "study", "study_variant"):
+        res, threads = seen[rule]
+        assert res["slurm_partition"] == "<gpu-partition>" and res["gpu"] == "1", (rule, res)
+        runtime = "720" if rule.startswith("study") else "240"
+        assert (res["mem_mb"], res["runtime"], threads) == ("32000", runtime, 4), (rule, res, threads)
+    res, _ = seen["prepare"]
+    assert res["slurm_partition"] == "<cpu-partition>" and res.get("gpu", "0") == "0"
