@@ -218,6 +218,7 @@ def test_config_override_reaches_the_commands(repo):
     ("train={relocation: {scorin: pass}}", "relocation.scorin"),
     ("train={epochs: many}", "epochs"),
     ("studies={correlation: {datasets: [count], pointz: [0]}}", "pointz"),
+    ("resources={train: {gpus: 1}}", "gpus"),
 ])
 def test_typos_fail_when_the_dag_is_built(repo, override, key):
     """A bad run key or study option fails the dry run, naming the key (not when each job starts)."""
