@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="provpt", description=__doc__)
     p.add_argument("--version", action="version", version=f"provpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = {}  # name -> its parser (a stray option is reported with that command's usage)
 
     def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_, description=help_)
+        p.commands[name] = sp
         sp.add_argument("--profile", "-p", help="profile YAML (params/<name>.yaml)")
         sp.set_defaults(fn=fn)
         return sp
@@ -155,10 +157,9 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray:
-        sub = parser._subparsers._group_actions[0].choices[args.command]  # that command's own usage
         hint = next((f" (run keys are key=value: {e.lstrip('-').split('=')[0]}=...)" for e in stray
                      if e.startswith("--") and e.lstrip("-").split("=")[0].replace("-", "_") in RUN_KEYS), "")
-        sub.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}{hint}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
     # one line per epoch (provpt.train's logger) on stderr: what `tail -f` on a job's log shows
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -67,6 +67,13 @@ def make_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def build_run(cfg: RunConfig, num_classes: int, device) -> tuple:
+    """What a run trains, built as every run builds it: (model, optimiser, relocator or None)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes).to(device)
+    return model, make_optimizer(cfg, model), make_relocator(cfg, model)
+
+
 def make_relocator(cfg: RunConfig, model):
     """PRO-VPT's relocator for ``model`` (None for every other method, or with relocation off)."""
     if cfg.method not in RELOCATING or not cfg.relocation.enabled:
@@ -188,11 +195,8 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes).to(device)
-    optimizer = make_optimizer(cfg, model)
+    model, optimizer, relocator = build_run(cfg, data.num_classes, device)
     forward_model = torch.compile(model) if cfg.compile else model
-    relocator = make_relocator(cfg, model)
 
     start, history, wall = 0, [], 0.0
     if (out / CHECKPOINT).exists():
@@ -215,7 +219,6 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
 
     keep = save_epochs(cfg)
     if start == 0 and 0 in keep:
-        (out / "checkpoints").mkdir(exist_ok=True)
         save_torch(checkpoint(0), out / "checkpoints" / "epoch000.pt")
     bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not cfg.progress,
                desc=f"{cfg.dataset}/{cfg.method}", leave=False)
@@ -223,18 +226,17 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
         last = epoch == cfg.epochs - 1
         splits = [s for s in cfg.eval_splits if last or (epoch + 1) % cfg.eval_every == 0]
         row = run_epoch(model, data, cfg, optimizer, relocator, epoch, autocast, splits, forward_model)
-        wall += sum(row["time_s"].values())
+        seconds = sum(row["time_s"].values())
+        wall += seconds
         history.append({**row, "distribution": model.distribution()})
         evals = row["eval"]
         log.info("%s/%s seed %d epoch %d/%d: loss %.4f, train acc %.2f%%%s, %d move(s), %.1f s", cfg.dataset,
                  cfg.method, cfg.seed, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
-                 "".join(f", {s} {v['acc']:.2f}%" for s, v in evals.items()), row["moves"],
-                 sum(row["time_s"].values()))
+                 "".join(f", {s} {v['acc']:.2f}%" for s, v in evals.items()), row["moves"], seconds)
         if (epoch + 1) % cfg.checkpoint_every == 0 or last or epoch + 1 in keep:
             ck = checkpoint(epoch + 1)
             save_torch(ck, out / CHECKPOINT)
             if epoch + 1 in keep:
-                (out / "checkpoints").mkdir(exist_ok=True)
                 save_torch(ck, out / "checkpoints" / f"epoch{epoch + 1:03d}.pt")
         write_logs(out, history, relocator)
         if evals:

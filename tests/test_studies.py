@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from provpt.config import ConfigError, RunConfig
+from provpt.config import ConfigError
 from provpt.model.backbone import create_backbone
 from provpt.model.prompted_vit import PromptedViT
 from provpt.relocation.idleness import taylor_pass, true_idleness
@@ -57,7 +57,7 @@ def test_overrides_split_into_study_run_and_hparams(tmp_path):
     opts, run_over, hp = parse_overrides(profile, ["study.pairs=true", "dataset=x", f"hparams={sel}", "epochs=4"],
                                          "adjustment", adjustment.DEFAULTS)
     assert opts["budget_epochs"] == 3 and opts["pairs"] is True and opts["points"] == [0.25, 0.5, 0.75]
-    cfg = run_config(profile, run_over, method="vpt-deep", extra=hp)
+    cfg = run_config(profile, run_over, method="vpt-deep", hparams=hp)
     assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.weight_decay) == ("x", 4, 0.02, 0.001)
     assert run_config(profile, {}, method="linear").lr == 9.0  # train_by_method applies
     final = run_config({**profile, "final": {"train_split": "tv", "eval_split": "test"}}, {}, stage="final")

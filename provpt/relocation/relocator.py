@@ -62,7 +62,7 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
     for _ in range(cfg.count):
         masked = scores.masked_fill(~candidates, inf)
         exact = None
-        if verify is not None and cfg.verify and not allocator.pair:
+        if verify is not None and not allocator.pair:
             short = torch.topk(masked, min(cfg.verify, int(candidates.sum()))).indices
             with clock.once("verify"):
                 exact = verify(short.tolist())
@@ -96,7 +96,7 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
                 scores[k] *= cfg.scale  # first-order score of the scaled prompt
         candidates[k] = False
         records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
-                        "score": score, **({"exact": float(exact[k])} if exact is not None else {}),
+                        "score": score, **({"exact": decide} if exact is not None else {}),
                         "probs": info["probs"],
                         "distribution": bank.distribution().tolist(), "reward": None})
     return records

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 from pathlib import Path
 
 from ..config import STUDIES, ConfigError, RunConfig, as_mapping, deep_merge, read_selection, resolve
@@ -82,11 +81,9 @@ def study_jobs(profile: dict, name: str) -> list[dict]:
 
 
 def run_config(profile: dict, run_over: dict, method: str | None = None, extra: dict | None = None,
-               stage: str | None = None) -> RunConfig:
+               stage: str | None = None, hparams: dict | None = None) -> RunConfig:
     """A study's run: :func:`provpt.config.resolve` with the study-chosen keys (``extra``, e.g. a
-    variant's relocation settings, and the hparams layer) under the command line's overrides."""
-    extra = dict(extra or {})
-    hparams = {k: extra.pop(k) for k in ("lr", "weight_decay", "_source") if k in extra}
+    variant's relocation settings) under the command line's overrides, and ``hparams`` (a selection)."""
     over = as_mapping(run_over, "command line")
     method = over.pop("method", None) or method
     return resolve(profile, method, stage, deep_merge(as_mapping(extra, "study"), over), hparams=hparams)

@@ -170,12 +170,11 @@ def sweep_point(model, data, cfg, ck: dict, budget: int, pairs: bool, split: str
 
 def main(profile: dict, overrides) -> dict:
     import pandas as pd
-    import torch
 
     from ..train import load_checkpoint
 
     opts, run_over, hparams = parse_overrides(profile, overrides, NAME, DEFAULTS)
-    cfg = run_config(profile, run_over, method=opts["method"], extra=hparams)
+    cfg = run_config(profile, run_over, method=opts["method"], hparams=hparams)
     if cfg.method not in ("vpt-deep", *RELOCATING):
         raise ValueError(f"study adjustment: method {cfg.method!r}: expected vpt-deep (or pro-vpt)")
     out = Path(cfg.out)

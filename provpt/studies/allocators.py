@@ -116,7 +116,8 @@ def variant_config(profile: dict, run_over: dict, hparams: dict, variant: str, s
         raise ValueError(f"study allocators: unknown variant {variant!r}; expected one of {ORDER}")
     method, extra = VARIANTS[variant]
     over = {k: v for k, v in run_over.items() if k not in ("method", "out")}
-    return run_config(profile, {**over, "out": str(out)}, method=method, extra={**hparams, **extra}, stage=stage)
+    return run_config(profile, {**over, "out": str(out)}, method=method, extra=extra, stage=stage,
+                      hparams=hparams)
 
 
 def train_variant(profile, run_over, hparams, variant: str, opts: dict, out: Path) -> dict:

@@ -245,12 +245,11 @@ def score_point(model, data, cfg, batches: list, options: dict, seed: int = 0) -
 
 def main(profile: dict, overrides) -> dict:
     import pandas as pd
-    import torch
 
     from ..train import load_checkpoint
 
     opts, run_over, hparams = parse_overrides(profile, overrides, NAME, DEFAULTS)
-    cfg = run_config(profile, run_over, method=opts["method"], extra=hparams)
+    cfg = run_config(profile, run_over, method=opts["method"], hparams=hparams)
     if cfg.method not in ("vpt-deep", "vpt-shallow", *RELOCATING):
         raise ValueError(f"study correlation: method {cfg.method!r} has no prompts to score")
     out = Path(cfg.out)

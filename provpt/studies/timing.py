@@ -161,17 +161,12 @@ class Method:
     """A method set up for timing: model, optimiser, relocator, config (as :func:`provpt.train.run`)."""
 
     def __init__(self, name: str, cfg, data, device):
-        import torch
-
-        from ..model.methods import build_model, count_parameters
-        from ..train import make_optimizer, make_relocator
+        from ..model.methods import count_parameters
+        from ..train import build_run
 
         self.name, self.cfg, self.data, self.device = name, cfg, data, device
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, data.num_classes).to(device)
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.model, self.optimizer, self.relocator = build_run(cfg, data.num_classes, device)
         self.params = count_parameters(self.model)
-        self.relocator = make_relocator(cfg, self.model)
         self.autocast = autocast_for(cfg, device)
 
 
@@ -215,7 +210,7 @@ def method_config(profile: dict, run_over: dict, name: str, hparams: dict | None
     if method not in METHODS:
         raise ValueError(f"study timing: unknown method {name!r}; expected one of {[*METHODS, *ALIASES]}")
     over = {k: v for k, v in run_over.items() if k != "method"}
-    return run_config(profile, over, method=method, extra={**(hparams or {}), **extra})
+    return run_config(profile, over, method=method, extra=extra, hparams=hparams)
 
 
 def summarise(epochs: list[dict], methods: list[str]) -> list[dict]:
