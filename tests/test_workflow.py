@@ -171,9 +171,11 @@ def test_profiles_valid_and_run_config_loads(repo):
 def test_missing_path_is_a_clear_error(repo, roots, tmp_path, profile, missing, key):
     cfg = [c for c in paths_config(profile, roots) if not c.startswith(f"{missing}=")]
     cfg.append(f"{missing}={tmp_path / 'nowhere'}")
-    proc = snakemake(repo, "-n", "--config", *cfg, check=False)
+    dry = snakemake(repo, "-n", "--config", *cfg)
+    assert "warning" in dry.stderr and key in dry.stderr and "prepare" in dry.stdout, dry.stderr[-2000:]
+    proc = snakemake(repo, "--cores", "1", "--config", *cfg, check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Finished job" not in out
     assert key in out and str(tmp_path / "nowhere") in out and f"--config {missing}=" in out, out[-2000:]
 
 
@@ -181,8 +183,8 @@ def test_missing_task_folder_is_named(repo, roots, tmp_path):
     src = tmp_path / "vtab"
     shutil.copytree(roots["vtab"], src)
     shutil.rmtree(src / "dmlab")
-    proc = snakemake(repo, "-n", "--config", "profile=vtab1k", f"source={src}", f"weights={roots['weights']}",
-                     check=False)
+    proc = snakemake(repo, "--cores", "1", "--config", "profile=vtab1k", f"source={src}",
+                     f"weights={roots['weights']}", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "data.source" in out and "dmlab/train800.txt" in out, out[-2000:]
 

@@ -275,19 +275,29 @@ for _name, _study in P.get("studies", {}).items():
         raise WorkflowError(f"profile {PROFILE}: studies.{_name}.hparams={_study['hparams']!r} not in `methods`")
 
 # Raw data and weights are needed only while something is left to compute (a DVC-pulled
-# results folder builds its report without them).
+# results folder builds its report without them). Missing ones are collected, not raised: a dry
+# run, --lint or --dag shows the grid with a warning, and a real run stops before its first job
+# (onstart below is called only when jobs are about to run, never for -n; --touch needs no data).
 RAW_FILES = {"vtab": ["train800.txt", "val200.txt", "train800val200.txt", "test.txt"],
              "fgvc": ["train.json", "val.json", "test.json"]}
+MISSING = []
 if FORMAT in RAW_FILES:
     _todo = [d for d in DATASETS if not Path(MANIFEST.format(dataset=d)).is_file()]
     if _todo:
         _src = P["data"].get("source")
         if not _src or not Path(_src).is_dir():
-            raise _missing("data.source", _src, f"{FORMAT} data root")
-        for _d in _todo:
-            for _f in RAW_FILES[FORMAT]:
-                if not (Path(_src) / _d / _f).is_file():
-                    raise _missing("data.source", _src, f"{_d}/{_f} under the {FORMAT} data root")
+            MISSING.append(_missing("data.source", _src, f"{FORMAT} data root"))
+        else:
+            MISSING += [_missing("data.source", _src, f"{_d}/{_f} under the {FORMAT} data root")
+                        for _d in _todo for _f in RAW_FILES[FORMAT] if not (Path(_src) / _d / _f).is_file()][:1]
     if not BASE.weights or not Path(BASE.weights).is_file():
         if not all(Path(f).is_file() for f in final_targets() + study_targets()):
-            raise _missing("train.weights", BASE.weights, "backbone weights file")
+            MISSING.append(_missing("train.weights", BASE.weights, "backbone weights file"))
+if MISSING and workflow.is_main_process:
+    print("provpt: warning: the jobs below cannot run yet (a dry run only lists them):\n"
+          + "\n".join(str(e) for e in MISSING), file=sys.stderr)
+
+
+onstart:
+    if MISSING and not workflow.touch:
+        raise MISSING[0]
