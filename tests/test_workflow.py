@@ -425,3 +425,81 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
         assert (res["mem_mb"], res["runtime"], threads) == ("32000", runtime, 4), (rule, res, threads)
     res, _ = seen["prepare"]
     assert res["slurm_partition"] == "<cpu-partition>" and res.get("gpu", "0") == "0"
+
+
+# ----------------------------------------------------------------------------- a real SLURM
+
+
+SLURM_RESOURCES = ("resources={train: {threads: 1, gpu: 1, mem_mb: 1000, runtime: 30},"
+                   " study: {threads: 1, gpu: 1, mem_mb: 1200, runtime: 20},"
+                   " prepare: {threads: 1, mem_mb: 1500, runtime: 15}, pretrain: {threads: 2, mem_mb: 3000, runtime: 40}}")
+# What each rule's job must have been given by SLURM under SLURM_RESOURCES and the slurm profile:
+# partition, CPUs, memory, time limit, GPUs.
+SLURM_EXPECTED = {
+    "prepare": ("cpu", "1", "1500M", "00:15:00", None),
+    "pretrain": ("cpu", "2", "3000M", "00:40:00", None),
+    "search_lr": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
+    "final_run": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
+}
+
+
+def slurm_profile_for_test(repo: Path) -> Path:
+    """workflow/profiles/slurm as the README says to fill it in: the placeholders become this
+    cluster's partitions, `slurm_account` goes (a cluster without accounts), and job status comes
+    from squeue (no slurmdbd here). Only the first status check is made sooner."""
+    text = (repo / "workflow/profiles/slurm/config.yaml").read_text()
+    text = text.replace("<cpu-partition>", "cpu").replace("<gpu-partition>", "gpu")
+    text = "\n".join(line for line in text.splitlines() if "slurm_account:" not in line)
+    text += "\nslurm-status-command: squeue\nslurm-init-seconds-before-status-checks: 2\n"
+    dest = repo / "profiles-test/slurm"
+    dest.mkdir(parents=True)
+    (dest / "config.yaml").write_text(text)
+    assert "<" not in yaml.safe_dump(yaml.safe_load(text)), text
+    return dest
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import SlurmCluster, missing_binaries
+
+    why = (f"{missing_binaries()} not installed" if missing_binaries() else
+           "not root" if os.geteuid() != 0 else None)
+    if why:
+        if os.environ.get("PROVPT_REQUIRE_SLURM"):
+            pytest.fail(f"PROVPT_REQUIRE_SLURM is set but a SLURM test cluster cannot start here: {why}")
+        pytest.skip(f"single-node SLURM: {why} (apt-get install slurm-wlm munge, as root)")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), mem_mb=12000, gpus=2) as cluster:
+        yield cluster
+
+
+def test_smoke_final_runs_through_a_real_slurm(smoke, slurm, tmp_path):
+    """The smoke profile's final runs of one task (and every job they need) submitted through the
+    executor plugin to a single-node SLURM: each job ran as a SLURM job on its rule's partition with
+    its CPUs, memory, time limit and GPUs, and the results equal the local run's."""
+    repo = copy_repo(tmp_path / "repo")
+    profile = slurm_profile_for_test(repo)
+    methods = yaml.safe_load((repo / "params/mini.yaml").read_text())["methods"]
+    targets = [f"results/smoke/runs/final/digits/{m}/seed18/metrics.json" for m in methods]
+    env = {**ENV, **{k: v for k, v in slurm.env.items() if k == "SLURM_CONF"}}
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(BIN / "snakemake"), "--profile", str(profile), *targets, "--config", "profile=smoke",
+                           SLURM_RESOURCES], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    print(f"smoke final runs of one task through SLURM: {time.perf_counter() - t0:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    jobs = [j for j in slurm.jobs() if j.get("WorkDir") == str(repo)]
+    by_rule = {}
+    for job in jobs:
+        rule = re.match(r"rule_(.+?)(_wildcards_.*)?$", job["Comment"]).group(1)
+        by_rule.setdefault(rule, []).append(job)
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), job
+        partition, cpus, mem, limit, gres = SLURM_EXPECTED[rule]
+        got = (job["Partition"], job["NumCPUs"], job["MinMemoryNode"], job["TimeLimit"], job.get("TresPerJob"))
+        assert got == (partition, cpus, mem, limit, gres), (rule, got)
+    counts = {rule: len(js) for rule, js in by_rule.items()}
+    assert counts == {"prepare": 1, "pretrain": 1, "search_lr": 2 * len(methods), "final_run": len(methods)}, counts
+
+    for target in targets:
+        here, local = (json.loads((root / target).read_text()) for root in (repo, smoke))
+        for key in ("lr", "weight_decay", "weights_sha256", "data_manifest_sha256", "eval", "train_loss", "distribution"):
+            assert here[key] == local[key], (target, key, here[key], local[key])
