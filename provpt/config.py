@@ -156,6 +156,7 @@ class RunConfig:
     # method
     num_prompts: int = 10  # T, prompts per block; budget N = L * T
     prompt_dropout: float = 0.1
+    head_init: str = "default"  # default (torch nn.Linear) | vpt (kaiming-normal fan-out, bias -log(99), as VPT)
     lora_rank: int = 8
     adapter_dim: int = 8
     # optimisation (authors' protocol by default)
@@ -205,6 +206,8 @@ class RunConfig:
             bad("schedule", self.schedule, "constant or cosine")
         if self.norm not in ("vtab", "imagenet"):
             bad("norm", self.norm, "vtab or imagenet")
+        if self.head_init not in ("default", "vpt"):
+            bad("head_init", self.head_init, "default or vpt")
         if self.augment not in ("none", "fgvc"):
             bad("augment", self.augment, "none or fgvc")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -403,6 +406,7 @@ def resolve(profile=None, method: str | None = None, stage: str | None = None, o
     """The run configuration of one run; every consumer (CLI, studies, Snakemake, DVC) comes here.
 
     Layers, later ones win: :class:`RunConfig`'s defaults, the profile's ``train`` section, its
+    ``train_by_dataset[dataset]`` (the dataset of the overrides, else of ``train``), its
     ``train_by_method[method]``, the ``stage`` protocol (:func:`stage_layer`), ``hparams`` (lr and
     weight decay of a selection) and ``overrides`` (``key=value`` strings or a mapping). The method
     is ``method``, else the overrides', else the profile's. An error names the layer a key came from.
@@ -415,9 +419,11 @@ def resolve(profile=None, method: str | None = None, stage: str | None = None, o
     method = method or over.get("method") or train.get("method") or RunConfig.method
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: expected one of {list(METHODS)}")
+    dataset = over.get("dataset") or train.get("dataset") or RunConfig.dataset
     layers = [
         (f"method defaults of {method}", METHOD_DEFAULTS.get(method, {})),
         (f"{src}: train", train),
+        (f"{src}: train_by_dataset.{dataset}", ((prof.get("train_by_dataset") or {}).get(dataset) or {})),
         (f"{src}: train_by_method.{method}", ((prof.get("train_by_method") or {}).get(method) or {})),
         ("method", {"method": method}),
         (f"{src}: {stage}", stage_layer(prof, stage)),

@@ -159,3 +159,30 @@ def test_paper_profiles_run_the_authors_pro_vpt_and_ours_beside_it(profile):
                                                                                       "online")
     assert resolve(path, "vpt-deep").precision == "fp32"
     assert "pro-vpt-exact" in yaml.safe_load((ROOT / "params/base.yaml").read_text())["methods"]
+    assert authors.head_init == "vpt" and resolve(path, "linear", "final", ["dataset=x"]).head_init == "vpt"
+
+
+# The paper profile's prompts per block per VTAB-1k task (params/vtab1k.yaml cites the sources).
+VTAB_PROMPTS = {"cifar": 20, "caltech101": 10, "dtd": 10, "oxford_flowers102": 1, "oxford_iiit_pet": 1, "svhn": 50,
+                "sun397": 5, "patch_camelyon": 100, "eurosat": 100, "resisc45": 10, "diabetic_retinopathy": 1,
+                "clevr_count": 100, "clevr_dist": 200, "dmlab": 100, "kitti": 100, "dsprites_loc": 100,
+                "dsprites_ori": 100, "smallnorb_azi": 200, "smallnorb_ele": 200}
+
+
+def test_vtab1k_prompt_length_per_task_for_every_prompt_method_and_stage():
+    path = ROOT / "params/vtab1k.yaml"
+    assert set(VTAB_PROMPTS) == set(yaml.safe_load(path.read_text())["datasets"])
+    for task, T in VTAB_PROMPTS.items():
+        for method in ("vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-exact"):
+            for stage in ("search", "final"):
+                assert resolve(path, method, stage, [f"dataset={task}"]).num_prompts == T, (task, method, stage)
+    # A command-line value still wins over the per-task one, and fgvc keeps the common 10.
+    assert resolve(path, "vpt-deep", "final", ["dataset=svhn", "num_prompts=7"]).num_prompts == 7
+    assert resolve(ROOT / "params/fgvc.yaml", "pro-vpt", "final", ["dataset=cub"]).num_prompts == 10
+
+
+def test_train_by_dataset_errors_name_the_layer(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("train_by_dataset: {cifar: {num_promts: 3}}\n")
+    with pytest.raises(ConfigError, match="train_by_dataset.cifar.*num_promts"):
+        resolve(p, "vpt-deep", None, ["dataset=cifar"])

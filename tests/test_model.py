@@ -1,5 +1,6 @@
 """The prompted ViT: exactness against timm and independent VPT forwards, gates, relocation, state."""
 
+import math
 import pytest
 import timm
 import torch
@@ -221,3 +222,16 @@ def test_backbone_loads_google_npz_through_timm(tmp_path):
     vit = create_backbone(NAME, tmp_path / "ViT.npz", **KW)
     for k, v in src.state_dict().items():
         torch.testing.assert_close(vit.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_vpt_head_init_is_kaiming_fan_out_with_prior_bias():
+    torch.manual_seed(0)
+    default = build_model(RunConfig(method="vpt-deep", **METHOD_CFG), 400).head
+    torch.manual_seed(0)
+    vpt = build_model(RunConfig(method="vpt-deep", head_init="vpt", **METHOD_CFG), 400).head
+    assert torch.allclose(vpt.bias, torch.full((400,), -math.log(99.0)))
+    # kaiming-normal fan-out: std sqrt(2 / out_features); torch's default is uniform with std ~ 1/sqrt(3 in)
+    assert abs(vpt.weight.std().item() / math.sqrt(2 / 400) - 1) < 0.05
+    assert abs(default.weight.std().item() - vpt.weight.std().item()) > 0.02
+    with pytest.raises(Exception, match="head_init"):
+        RunConfig.from_dict({"head_init": "xavier"})

@@ -221,6 +221,8 @@ def test_config_override_reaches_the_commands(repo):
     ("train={epochs: many}", "epochs"),
     ("studies={correlation: {datasets: [count], pointz: [0]}}", "pointz"),
     ("resources={train: {gpus: 1}}", "gpus"),
+    ("train_by_dataset={digitz: {num_prompts: 3}}", "digitz"),
+    ("train_by_dataset={digits: {num_promts: 3}}", "num_promts"),
 ])
 def test_typos_fail_when_the_dag_is_built(repo, override, key):
     """A bad run key or study option fails the dry run, naming the key (not when each job starts)."""

@@ -36,6 +36,15 @@ def add_lora(vit: nn.Module, rank: int) -> None:
 GATES = ("prompts.gates", "prompts.log_gates")  # in the graph for their gradients, never optimised
 
 
+def vpt_head_init(head: nn.Linear) -> None:
+    """VPT's classifier initialisation (also the PRO-VPT authors'): kaiming-normal weights with
+    fan-out mode and every bias at -log((1 - 0.01) / 0.01), a 1% prior per class."""
+    import math
+
+    nn.init.kaiming_normal_(head.weight, a=0, mode="fan_out")
+    nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
+
+
 def build_model(cfg, num_classes: int) -> PromptedViT:
     """The network of ``cfg.method`` with the right parameters trainable (gates never are)."""
     vit = create_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
@@ -58,6 +67,8 @@ def build_model(cfg, num_classes: int) -> PromptedViT:
             vit.blocks[i] = Adapter(blk, vit.embed_dim, cfg.adapter_dim)
     model = PromptedViT(vit, num_classes, dist, shallow=shallow,
                         prompt_dropout=cfg.prompt_dropout if dist else 0.0)
+    if cfg.head_init == "vpt":
+        vpt_head_init(model.head)
     model.finetune_backbone = method == "full"
     logit = method in RELOCATING and cfg.relocation.idleness == "logit"
     model.prompts.log_gated = logit

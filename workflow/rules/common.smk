@@ -216,7 +216,8 @@ def job_digest(kind):
     if kind == "final":
         return lambda w: digest(DATA_DIGEST, _what(final_cfg(w.dataset, w.method, w.seed)))
     if kind == "study":  # a study's runs: the train section, and the protocol stage its options name
-        return lambda w: digest(DATA_DIGEST, _what(BASE), P.get("train_by_method"), P["studies"][w.study],
+        return lambda w: digest(DATA_DIGEST, _what(BASE), P.get("train_by_method"),
+                                (P.get("train_by_dataset") or {}).get(w.dataset), P["studies"][w.study],
                                 P.get(STUDY_OPTIONS[w.study].get("stage") or "", None))
     if kind == "select":
         return digest(P["search"]["eval_split"])
@@ -268,6 +269,8 @@ def _missing(key, path, what):
 
 if groups_unknown := sorted({d for ds in (P.get("groups") or {}).values() for d in ds} - set(DATASETS)):
     raise WorkflowError(f"profile {PROFILE}: groups name datasets not in `datasets`: {groups_unknown}")
+if _extra := sorted(set(P.get("train_by_dataset") or {}) - set(DATASETS)):
+    raise WorkflowError(f"profile {PROFILE}: train_by_dataset names datasets not in `datasets`: {_extra}")
 for _name, _study in P.get("studies", {}).items():
     if _bad := sorted(set(_study.get("datasets", [])) - set(DATASETS)):
         raise WorkflowError(f"profile {PROFILE}: studies.{_name}.datasets {_bad} not in `datasets`")
