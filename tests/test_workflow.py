@@ -4,7 +4,8 @@ Fast tests (no torch): `snakemake --lint`, dry runs of every profile with their 
 and fgvc against generated fixture roots holding every dataset's split files and a dummy weights
 file), and the DAG-time errors for missing data and weights. Slow tests: the smoke profile end to
 end through Snakemake on a copy of the repository (every table and figure written and
-non-trivial), what reruns after re-timestamping or losing a run, the HTML report, and `dvc repro`.
+non-trivial), what reruns after re-timestamping or losing a run, the HTML report, `dvc repro`, and the
+DVC round trip (push, fresh clone, `dvc repro --dry`, pull, nothing left to run).
 Everything runs on a copy of the repository in tmp_path, never in the checkout.
 """
 
@@ -351,24 +352,95 @@ def test_smoke_lost_run_is_redone_alone(smoke):
     assert _nothing_to_do(smoke)
 
 
-@pytest.mark.slow
-def test_dvc_repro(smoke):
-    """`dvc repro` on the smoke copy: the stages run the Snakemake targets (which find the runs
-    done and rebuild the report), cache the outputs; a second `dvc repro` does nothing."""
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+# What a DVC test could leave in the checkout if it ran DVC there by mistake (they run in copies).
+DVC_LITTER = ("dvc-store", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "dvc.lock")
+
+
+def git_repo(path: Path) -> Path:
+    """``path`` as a git repository with everything in it committed."""
+    run(["git", "init", "-q"], path)
+    run([*GIT, "add", "-A"], path)
+    run([*GIT, "commit", "-qm", "snapshot"], path)
+    return path
+
+
+def test_dvc_repro_dry_on_a_fresh_clone(tmp_path):
+    """A fresh clone (no data/, no results/, no dvc.lock) shows what `dvc repro` would run."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(git_repo(copy_repo(tmp_path / "repo"))), str(clone)], tmp_path)
+    assert not (clone / "data").exists()
+    proc = run([str(BIN / "dvc"), "repro", "--dry"], clone)
+    assert "Running stage 'pipeline'" in proc.stdout and "snakemake" in proc.stdout, proc.stdout[-2000:]
+    assert not (clone / "data").exists() and not (clone / "dvc.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def dvc_smoke(smoke) -> Path:
+    """The smoke copy as a git repository with the smoke profile run through `dvc repro` (its stage
+    runs Snakemake, which finds the runs done and rebuilds the report) and the outputs cached."""
     params = smoke / "params/repro.yaml"
     params.write_text(params.read_text().replace("profile: mini", "profile: smoke"))
-    run(["git", "init", "-q"], smoke)
-    dvc = str(BIN / "dvc")
-    first = run([dvc, "repro"], smoke)
-    assert "Running stage 'report'" in first.stdout, first.stdout[-3000:]
+    git_repo(smoke)
+    t0 = time.perf_counter()
+    first = run([str(BIN / "dvc"), "repro"], smoke)
+    print(f"dvc repro of the smoke profile (Snakemake finds the jobs done): {time.perf_counter() - t0:.0f} s")
+    assert "Running stage 'pipeline'" in first.stdout, first.stdout[-3000:]
     assert (smoke / "dvc.lock").is_file()
-    second = run([dvc, "repro"], smoke)
+    return smoke
+
+
+@pytest.mark.slow
+def test_dvc_repro(dvc_smoke):
+    """A second `dvc repro` does nothing; the metrics come from the report's small git-tracked copy."""
+    dvc = str(BIN / "dvc")
+    second = run([dvc, "repro"], dvc_smoke)
     assert "Running stage" not in second.stdout, second.stdout[-3000:]
     assert "up to date" in second.stdout.lower() or "didn't change" in second.stdout, second.stdout[-3000:]
-    status = run([dvc, "status"], smoke)
+    status = run([dvc, "status"], dvc_smoke)
     assert "up to date" in status.stdout.lower(), status.stdout
-    metrics = run([dvc, "metrics", "show", "--json"], smoke)
-    assert "summary.json" in metrics.stdout, metrics.stdout[-2000:]
+    metrics = run([dvc, "metrics", "show", "--json"], dvc_smoke)
+    assert "metrics/summary.json" in metrics.stdout, metrics.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_dvc_push_fresh_clone_pull(dvc_smoke, tmp_path):
+    """Push to the default remote (dvc-store/ in the checkout), commit, clone: the clone shows the
+    metrics from git alone and its `dvc repro --dry` works without data; `dvc pull` (the remote
+    pointed at the first checkout's store, as on another machine) brings data and checkpoints as
+    files of their own, not links into the read-only cache; after the README's one `snakemake
+    --touch`, `dvc status` is clean and Snakemake has nothing to do. Nothing lands in the checkout."""
+    dvc = str(BIN / "dvc")
+    litter = {p: (ROOT / p).exists() for p in DVC_LITTER}
+    t0 = time.perf_counter()
+    assert "dvc-store" in run([dvc, "remote", "list"], dvc_smoke).stdout
+    run([dvc, "push"], dvc_smoke)
+    assert (dvc_smoke / "dvc-store/files/md5").is_dir()
+    run([*GIT, "add", "-A"], dvc_smoke)
+    run([*GIT, "commit", "-qm", "smoke results"], dvc_smoke)
+    tracked = run(["git", "ls-files", "results"], dvc_smoke).stdout.split()
+    assert tracked == ["results/smoke/metrics/curves.csv", "results/smoke/metrics/summary.json"], tracked
+    assert not run(["git", "ls-files", "data", "dvc-store"], dvc_smoke).stdout
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(dvc_smoke), str(clone)], tmp_path)
+    assert not (clone / "results/smoke/runs").exists() and not (clone / "data").exists()
+    shown = run([dvc, "metrics", "show", "--json"], clone).stdout  # no cache needed
+    assert "metrics/summary.json" in shown and '"error"' not in shown, shown[-2000:]
+    dry = run([dvc, "repro", "--dry"], clone)
+    assert "Running stage 'pipeline'" in dry.stdout and not (clone / "data").exists(), dry.stdout[-2000:]
+    run([dvc, "remote", "modify", "--local", "local", "url", str(dvc_smoke / "dvc-store")], clone)
+    run([dvc, "pull"], clone)
+    ckpts = list((clone / "results/smoke/runs/final").rglob("*.safetensors"))
+    assert ckpts and (clone / "data/smoke").is_dir()
+    for f in ckpts[:5]:
+        assert f.stat().st_nlink == 1 and os.access(f, os.W_OK), f"{f} is linked into the DVC cache"
+    snakemake(clone, "--touch", "--cores", "1", "--config", "profile=smoke")
+    status = run([dvc, "status"], clone).stdout
+    assert "up to date" in status.lower(), status
+    assert _nothing_to_do(clone)
+    print(f"dvc push, clone, pull, snakemake --touch, status, dry run: {time.perf_counter() - t0:.0f} s")
+    assert {p: (ROOT / p).exists() for p in DVC_LITTER} == litter
 
 
 def test_one_merge_site_for_cli_study_and_snakemake_jobs(tmp_path_factory, toy_root):

@@ -61,6 +61,20 @@ def run_study_reports(names, studies_dir: Path, tables_dir: Path, figures_dir: P
     return done, skipped
 
 
+def write_metrics(tables_dir: Path, metrics_dir: Path) -> list[Path]:
+    """``metrics/summary.json`` and ``metrics/curves.csv``: copies of the two tables DVC shows as
+    metrics and plots, outside the cached tables folder so that they can be small ``cache: false``
+    files in git (``dvc metrics diff`` and ``dvc plots`` then need no cache). Written even when a
+    table is missing (``{}``, an empty CSV), so the workflow always has both."""
+    from .runs import write_text
+
+    out = []
+    for name, empty in (("summary.json", "{}\n"), ("curves.csv", "")):
+        src = Path(tables_dir) / name
+        out.append(write_text(Path(metrics_dir) / name, src.read_text() if src.is_file() else empty))
+    return out
+
+
 def make_report(profile: dict, results: str | Path) -> dict:
     """Write every table and figure of one profile.
 
@@ -89,5 +103,6 @@ def make_report(profile: dict, results: str | Path) -> dict:
         curves = load_histories(runs, split)
         tables["curves"] = [write_text(tables_dir / "curves.csv", curves.to_csv(index=False))]
     done, skipped_st = run_study_reports(studies, root / "studies", tables_dir, figures_dir)
+    tables["metrics"] = write_metrics(tables_dir, root / "metrics")
     return {"tables": tables, "figures": figures, "studies": done,
             "skipped": {**skipped, **skipped_fig, **skipped_st}}

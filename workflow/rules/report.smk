@@ -18,6 +18,8 @@ rule report:
             caption="../report/figures.rst",
             category="Figures",
         ),
+        metrics=f"{RES}/metrics/summary.json",  # copies for DVC (metrics/plots in git, not cache)
+        curves=f"{RES}/metrics/curves.csv",
     params:
         cfg=job_digest("report"),
         results=lambda w, output: Path(output.tables).parent,
