@@ -10,6 +10,10 @@ the executor plugin polls them here (`slurm-status-command: squeue`).
 
     with SlurmCluster(tmp) as cluster:   # cluster.env: SLURM_CONF for sbatch/squeue/snakemake
         ...
+
+Everything the cluster writes stays in its folder: the daemons run there, and `cluster.env` sets
+`SBATCH_OUTPUT`, so a job submitted without `--output` does not leave `slurm-<id>.out` in the
+directory it was submitted from (a stray `slurm-1.out` once got committed at the repository root).
 """
 
 from __future__ import annotations
@@ -43,14 +47,17 @@ class SlurmCluster:
         self.mem_mb, self.gpus, self.port = mem_mb, gpus, port
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # SBATCH_OUTPUT: a job submitted without --output (sbatch's default is slurm-<id>.out in the
+        # directory it was submitted from, e.g. the checkout) writes into this folder instead.
+        self.job_output = self.root / "jobs"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "SBATCH_OUTPUT": str(self.job_output / "slurm-%j.out")}
         self._pids: list[Path] = []
         self._etc_conf: Path | None = None
 
     # --------------------------------------------------------------------------- configuration
     def _write_config(self) -> None:
         r = self.root
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "spool", "log", "munge", "jobs"):
             (r / d).mkdir(parents=True, exist_ok=True)
         gres = "\n".join(f"NodeName={self.host} Name=gpu File={f}" for f in ("/dev/zero", "/dev/null")[: self.gpus])
         (r / "gres.conf").write_text(gres + "\n")
@@ -103,15 +110,17 @@ PartitionName=gpu Nodes={self.host} MaxTime=INFINITE State=UP
         m = self.root / "munge"
         key = m / "munge.key"
         subprocess.run([_bin("mungekey"), "--create", f"--keyfile={key}", "--force"], check=True,
-                       capture_output=True)
+                       capture_output=True, cwd=self.root)
         key.chmod(0o600)
         subprocess.run([_bin("munged"), f"--key-file={key}", f"--socket={m}/munge.socket",
                         f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/seed",
-                        "--force"], check=True, capture_output=True)
+                        "--force"], check=True, capture_output=True, cwd=self.root)
         self._pids.append(m / "munged.pid")
-        subprocess.run([_bin("slurmctld"), "-c", "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
+        subprocess.run([_bin("slurmctld"), "-c", "-f", str(self.conf)], check=True, env=self.env, capture_output=True,
+                       cwd=self.root)
         self._pids.append(self.root / "slurmctld.pid")
-        subprocess.run([_bin("slurmd"), "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
+        subprocess.run([_bin("slurmd"), "-f", str(self.conf)], check=True, env=self.env, capture_output=True,
+                       cwd=self.root)
         self._pids.append(self.root / "slurmd.pid")
         t0 = time.monotonic()
         while True:

@@ -546,6 +546,22 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
+def test_slurm_job_output_stays_in_the_cluster_folder(slurm, tmp_path):
+    """sbatch without --output writes slurm-<id>.out where it was called from, which in a test is
+    easily the checkout: the test cluster sends such output to its own folder (SBATCH_OUTPUT)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(["sbatch", "--parsable", "--wrap", "echo $SLURM_JOB_ID $SLURM_PROCID"], cwd=work,
+                         env=slurm.env, capture_output=True, text=True, check=True).stdout
+    job_id = out.strip().split(";")[0]
+    log = slurm.job_output / f"slurm-{job_id}.out"
+    t0 = time.monotonic()
+    while not (log.is_file() and log.read_text().strip()) and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    assert log.read_text().split() == [job_id, "0"]
+    assert not list(work.iterdir()), list(work.iterdir())
+
+
 def test_smoke_final_runs_through_a_real_slurm(smoke, slurm, tmp_path):
     """The smoke profile's final runs of one task (and every job they need) submitted through the
     executor plugin to a single-node SLURM: each job ran as a SLURM job on its rule's partition with
@@ -554,12 +570,14 @@ def test_smoke_final_runs_through_a_real_slurm(smoke, slurm, tmp_path):
     profile = slurm_profile_for_test(repo)
     methods = yaml.safe_load((repo / "params/mini.yaml").read_text())["methods"]
     targets = [f"results/smoke/runs/final/digits/{m}/seed18/metrics.json" for m in methods]
-    env = {**ENV, **{k: v for k, v in slurm.env.items() if k == "SLURM_CONF"}}
+    env = {**ENV, **{k: v for k, v in slurm.env.items() if k in ("SLURM_CONF", "SBATCH_OUTPUT")}}
+    stray = set(ROOT.glob("slurm-*.out"))
     t0 = time.perf_counter()
     proc = subprocess.run([str(BIN / "snakemake"), "--profile", str(profile), *targets, "--config", "profile=smoke",
                            SLURM_RESOURCES], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
     print(f"smoke final runs of one task through SLURM: {time.perf_counter() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert not list(repo.glob("slurm-*.out")) and set(ROOT.glob("slurm-*.out")) == stray
 
     jobs = [j for j in slurm.jobs() if j.get("WorkDir") == str(repo)]
     by_rule = {}
