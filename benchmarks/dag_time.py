@@ -2,7 +2,7 @@
 
 Builds a fixture in a temporary folder with the workflow tests' generator (tests/test_workflow.py:
 every vtab1k/fgvc dataset's split files, a dummy weights file) and a copy of ``params/``; then
-runs ``snakemake -n -s workflow/Snakefile -d <tmp> --config profile=<p> source=... weights=...``
+runs ``snakemake -n -s Snakefile -d <tmp> --config profile=<p> source=... weights=...``
 there (nothing is written into the checkout) ``--repeats`` times and reports the median wall time
 and the number of jobs of the plan. Nothing is computed: every job is still to do.
 
@@ -40,7 +40,7 @@ def fixture(tmp: Path, profile: str) -> dict:
 
 
 def dry_run(tmp: Path, config: dict, snakemake: list[str]) -> tuple[float, int, str]:
-    cmd = snakemake + ["-n", "-q", "rules", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(tmp),
+    cmd = snakemake + ["-n", "-q", "rules", "-s", str(ROOT / "Snakefile"), "-d", str(tmp),
                        "--config", *(f"{k}={v}" for k, v in config.items())]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

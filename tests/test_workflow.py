@@ -135,6 +135,19 @@ def test_lint(repo):
     assert proc.returncode == 0 and "Congratulations" in out, out[-3000:]
 
 
+def test_root_snakefile_is_the_entry_and_finds_the_default_profile(repo, tmp_path):
+    """`snakemake` from the root reads the top-level Snakefile and the workflow profile
+    profiles/default (also under --profile profiles/slurm, and with -s/-d from elsewhere)."""
+    assert (repo / "Snakefile").is_file() and not (repo / "workflow/Snakefile").exists()
+    for extra, used in (([], "workflow specific profile profiles/default"),
+                        (["--profile", "profiles/slurm"], "profiles profiles/slurm and workflow specific profile profiles/default")):
+        proc = snakemake(repo, "-n", "-q", "rules", *extra, "--config", "profile=smoke")
+        assert f"Using {used} for" in proc.stdout + proc.stderr, proc.stderr[:1000]
+    proc = run([str(BIN / "snakemake"), "-n", "-q", "rules", "-s", str(repo / "Snakefile"), "-d", str(repo),
+                "--config", "profile=smoke"], tmp_path)
+    assert f"workflow specific profile {repo / 'profiles/default'} for" in proc.stdout + proc.stderr, proc.stderr[:1000]
+
+
 @pytest.mark.parametrize("profile", ["vtab1k", "fgvc", "mini", "smoke"])
 def test_dry_run_job_counts(repo, roots, profile):
     t0 = time.perf_counter()
@@ -479,12 +492,12 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
     """The vtab1k DAG under the slurm profile: GPU rules on the GPU partition with gpu=1 and the
     profile's memory and runtime, the rest on the CPU partition, threads from params/ (nothing in the
     workflow profile caps cores or GPUs for the whole cluster)."""
-    default = yaml.safe_load((repo / "workflow/profiles/default/config.yaml").read_text())
+    default = yaml.safe_load((repo / "profiles/default/config.yaml").read_text())
     assert "cores" not in default and "resources" not in default
-    slurm = yaml.safe_load((repo / "workflow/profiles/slurm/config.yaml").read_text())
+    slurm = yaml.safe_load((repo / "profiles/slurm/config.yaml").read_text())
     rules = {"search_lr", "final_run", "study", "study_seed", "study_variant"}
     assert set(slurm["set-resources"]) == rules and "cpus_per_task" not in slurm["default-resources"]
-    proc = snakemake(repo, "-n", "-p", "--profile", "workflow/profiles/slurm", "--cores", "1000", "--config",
+    proc = snakemake(repo, "-n", "-p", "--profile", "profiles/slurm", "--cores", "1000", "--config",
                      *paths_config("vtab1k", roots))
     seen = {}
     for block in proc.stdout.split("\nrule ")[1:]:
@@ -518,10 +531,10 @@ SLURM_EXPECTED = {
 
 
 def slurm_profile_for_test(repo: Path) -> Path:
-    """workflow/profiles/slurm as the README says to fill it in: the placeholders become this
+    """profiles/slurm as the README says to fill it in: the placeholders become this
     cluster's partitions, `slurm_account` goes (a cluster without accounts), and job status comes
     from squeue (no slurmdbd here). Only the first status check is made sooner."""
-    text = (repo / "workflow/profiles/slurm/config.yaml").read_text()
+    text = (repo / "profiles/slurm/config.yaml").read_text()
     text = text.replace("<cpu-partition>", "cpu").replace("<gpu-partition>", "gpu")
     text = "\n".join(line for line in text.splitlines() if "slurm_account:" not in line)
     text += "\nslurm-status-command: squeue\nslurm-init-seconds-before-status-checks: 2\n"

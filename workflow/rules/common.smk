@@ -12,7 +12,8 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir).parent))  # provpt.config from this checkout
+REPO = Path(workflow.basedir)  # the directory of the Snakefile: the repository root
+sys.path.insert(0, str(REPO))  # provpt.config from this checkout
 # Jobs call the `provpt` of the Python that runs snakemake (a .venv need not be activated);
 # with --use-conda the job's environment comes first.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -35,7 +36,7 @@ ALIASES = {
     "fmnist_dir": ("mini", "fmnist_dir"),
     "device": ("train", "device"),
 }
-SCHEMA = Path(workflow.basedir) / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 TOP_KEYS = set(yaml.safe_load(SCHEMA.read_text())["properties"]) - {"profile"}
 
 

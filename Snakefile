@@ -2,7 +2,12 @@
 #
 #   snakemake --cores 2                                   # the embedded `mini` profile
 #   snakemake --cores 8 --config profile=vtab1k source=/data/vtab-1k weights=/models/ViT-B_16.npz
-#   snakemake --profile workflow/profiles/slurm --config profile=vtab1k ...
+#   snakemake --profile profiles/slurm --config profile=vtab1k ...
+#
+# This file is the entry (Snakemake finds it in the working directory) and sits at the repository
+# root so that Snakemake also finds the workflow profile profiles/default/ beside it: it looks for
+# profiles/default relative to the working directory and to the Snakefile, not under workflow/.
+# The rules, schema, environment and report captions live in workflow/.
 #
 # One grid: params/<profile>.yaml (read through provpt.config, pure Python) says which datasets,
 # methods, lr x wd grid, seeds and studies run; every job is one `provpt` CLI call writing one run
@@ -13,22 +18,22 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-include: "rules/common.smk"
-include: "rules/data.smk"
-include: "rules/pretrain.smk"
-include: "rules/search.smk"
-include: "rules/train.smk"
-include: "rules/studies.smk"
-include: "rules/report.smk"
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/search.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/studies.smk"
+include: "workflow/rules/report.smk"
 
 
-# (after the includes: rules/common.smk defines them)
+# (after the includes: workflow/rules/common.smk defines them)
 envvars:
-    "PATH",  # jobs call `provpt` from PATH (rules/common.smk puts this Python's bin first)
-    "PROVPT_PROFILE",  # the merged profile the jobs read (rules/common.smk)
+    "PATH",  # jobs call `provpt` from PATH (workflow/rules/common.smk puts this Python's bin first)
+    "PROVPT_PROFILE",  # the merged profile the jobs read (workflow/rules/common.smk)
 
 
-report: "report/workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
 # Seconds of pandas, or nothing: never submitted to a cluster.
