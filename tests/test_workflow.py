@@ -157,6 +157,52 @@ def test_dry_run_job_counts(repo, roots, profile):
     print(f"{profile}: {sum(counts.values())} jobs, dry run with job listing {time.perf_counter() - t0:.2f} s")
 
 
+# Just enough of conda for Snakemake to name the environments it would use (`--list-conda-envs`,
+# dry runs with --use-conda): `conda info`, `--version`, the channel-priority check. Creates nothing.
+STUB_CONDA = """#!/bin/sh
+case "$*" in
+  "info --json") echo '{"conda_prefix": "/nonexistent/conda", "platform": "linux-64"}' ;;
+  "--version") echo "conda 24.7.1" ;;
+  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}' ;;
+  *) echo "stub conda cannot: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_conda_env_has_every_pin_and_a_pin_change_is_a_new_env(tmp_path):
+    """requirements.txt is the one list of pins: the env file every job gets under --use-conda has
+    each of its lines written out (plus this checkout, editable), and changing a pin changes the
+    environment Snakemake computes from that file (its hash names the env folder)."""
+    repo = copy_repo(tmp_path / "repo")
+    stub = tmp_path / "bin" / "conda"
+    stub.parent.mkdir()
+    stub.write_text(STUB_CONDA)
+    stub.chmod(0o755)
+    env = {**ENV, "PATH": f"{stub.parent}{os.pathsep}{ENV['PATH']}"}
+
+    def used_env():
+        proc = subprocess.run([str(BIN / "snakemake"), "--list-conda-envs", "--config", "profile=smoke"], cwd=repo,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.splitlines()
+        rows = [line.split("\t") for line in lines[lines.index("environment\tcontainer\tlocation") + 1:]]
+        assert len(rows) == 1, rows  # one environment for every rule
+        path, _, location = rows[0]
+        pip = next(d["pip"] for d in yaml.safe_load((repo / path).read_text())["dependencies"] if isinstance(d, dict))
+        return pip, location
+
+    req = repo / "requirements.txt"
+    pins = [line for line in req.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(pins) > 10 and "torch==2.14.1" in pins
+    pip, location = used_env()
+    assert pip == [*pins, f"-e {repo.resolve()}"], pip
+    req.write_text(req.read_text().replace("torch==2.14.1", "torch==2.14.0"))
+    pip2, location2 = used_env()
+    assert "torch==2.14.0" in pip2 and "torch==2.14.1" not in pip2 and location2 != location
+    req.write_text(req.read_text().replace("torch==2.14.0", "torch==2.14.1"))
+    assert used_env() == (pip, location)
+
+
 def test_vtab1k_dry_run_time(repo, roots):
     """Acceptance: the full vtab1k dry run takes < 5 s. Measured and printed, not asserted (shared
     CI machines vary)."""

@@ -1,9 +1,10 @@
-# The profile, its validation, the paths and the grid. Pure Python (no torch): the DAG of the full
-# vtab1k profile builds in seconds.
+# The job environment, the profile, its validation, the paths and the grid. Pure Python (no
+# torch): the DAG of the full vtab1k profile builds in seconds.
 
 import hashlib
 import json
 import os
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,67 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 from provpt.config import STUDIES, ConfigError, deep_merge, load_profile, parse_value, resolve, search_grid
 from provpt.protocol import search_configs
 from provpt.studies import parse_overrides, study_jobs
+
+
+# ----------------------------------------------------------------------------- the job environment
+
+# With --use-conda every job runs in workflow/envs/provpt.yaml: Python and pip from conda, then
+# requirements.txt (the one list of pins) and this checkout by pip. Snakemake tells environments
+# apart by the content of their file (an env's folder .snakemake/conda/<hash> and the software-env
+# rerun trigger both hash it), and a `-r requirements.txt` line hides a changed pin from that hash.
+# So the jobs get the env file with its requirement files written out in it, stored under a name
+# from its content: a changed pin is a new file, hence a new environment. `-e <path>` becomes
+# absolute, so the file works from wherever Snakemake or conda copies it.
+ENV_TEMPLATE = REPO / "workflow" / "envs" / "provpt.yaml"
+_PIP_FILE = ("-r ", "--requirement ")
+_PIP_EDITABLE = ("-e ", "--editable ")
+
+
+def pip_requirements(path):
+    """The lines of a pip requirements file with `-r` files expanded, comments and blanks dropped."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        if line.startswith(_PIP_FILE):
+            lines += pip_requirements(Path(path).parent / line.split(None, 1)[1])
+        elif line:
+            lines.append(line)
+    return lines
+
+
+def _pip_line(item, base):
+    if item.startswith(_PIP_FILE):
+        return pip_requirements(base / item.split(None, 1)[1])
+    if item.startswith(_PIP_EDITABLE):
+        flag, path = item.split(None, 1)
+        return [f"{flag} {(base / path).resolve()}"]
+    return [item]
+
+
+@cache
+def conda_env_file():
+    """Path of ENV_TEMPLATE with its pip requirement files written out, under .snakemake/provpt/envs/
+    and named by its content (written once per content; Snakemake reads it when it builds the DAG,
+    with or without --use-conda, but its hash decides reruns only with --use-conda)."""
+    env = yaml.safe_load(ENV_TEMPLATE.read_text())
+    deps = [{"pip": [line for item in dep["pip"] for line in _pip_line(item, ENV_TEMPLATE.parent)]}
+            if isinstance(dep, dict) and "pip" in dep else dep for dep in env["dependencies"]]
+    text = ("# Generated from workflow/envs/provpt.yaml and requirements.txt (edit those) by\n"
+            "# workflow/rules/common.smk: every pip requirement written out, so that the pins are part\n"
+            "# of the content Snakemake hashes.\n")
+    text += yaml.safe_dump({**env, "dependencies": deps}, sort_keys=False)
+    path = Path(".snakemake", "provpt", "envs", f"provpt-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path.resolve())
+
+
+def conda_env(wildcards):
+    """Every rule's `conda:` (see conda_env_file)."""
+    return conda_env_file()
 
 
 # ----------------------------------------------------------------------------- the profile

@@ -12,6 +12,6 @@ rule prepare:
     log:
         f"{LOGS}/prepare/{{dataset}}.log",
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt prepare --profile \"$PROVPT_PROFILE\" --dataset {wildcards.dataset} > {log} 2>&1"

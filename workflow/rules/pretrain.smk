@@ -15,7 +15,7 @@ if BACKBONE:
         benchmark:
             f"{BENCH}/pretrain.tsv"
         conda:
-            "../envs/provpt.yaml"
+            conda_env
         shell:
             "provpt pretrain --profile \"$PROVPT_PROFILE\" --out {output} pretrain.threads={threads}"
             " > {log} 2>&1"

@@ -26,6 +26,6 @@ rule report:
     log:
         f"{LOGS}/report.log",
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt report --profile \"$PROVPT_PROFILE\" --results {params.results} > {log} 2>&1"

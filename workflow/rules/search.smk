@@ -21,7 +21,7 @@ rule search_lr:
     benchmark:
         f"{BENCH}/search/{{dataset}}/{{method}}/lr{{lr}}.tsv"
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt search --profile \"$PROVPT_PROFILE\" --lr {wildcards.lr} --out {params.dir} dataset={wildcards.dataset}"
         " method={wildcards.method} threads={threads} > {log} 2>&1"
@@ -38,6 +38,6 @@ rule select:
     log:
         f"{LOGS}/select/{{dataset}}/{{method}}.log",
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt select --profile \"$PROVPT_PROFILE\" --runs {params.runs} --out {output} > {log} 2>&1"

@@ -19,7 +19,7 @@ rule study:
     benchmark:
         f"{BENCH}/studies/{{study}}/{{dataset}}.tsv"
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt study --profile \"$PROVPT_PROFILE\" {wildcards.study} dataset={wildcards.dataset}"
         " {params.extra} threads={threads} out=$(dirname {output}) > {log} 2>&1"

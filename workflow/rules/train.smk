@@ -18,7 +18,7 @@ rule final_run:
     benchmark:
         f"{BENCH}/final/{{dataset}}/{{method}}/seed{{seed}}.tsv"
     conda:
-        "../envs/provpt.yaml"
+        conda_env
     shell:
         "provpt train --profile \"$PROVPT_PROFILE\" --stage final --hparams {input.hparams} dataset={wildcards.dataset}"
         " method={wildcards.method} seed={wildcards.seed} threads={threads} out=$(dirname {output}) > {log} 2>&1"
