@@ -59,6 +59,23 @@ def cmd_search(args) -> None:
         print(f"{dataset}/{method} lr {m['lr']:g} wd {m['weight_decay']:g}: {evals}")
 
 
+def cmd_final(args) -> None:
+    from .config import as_mapping
+    from .protocol import final
+
+    over = as_mapping(args.overrides, "command line")
+    missing = [k for k in ("dataset", "method") if k not in over]
+    if missing:
+        raise ConfigError(f"final: give {' and '.join(f'{k}=' for k in missing)} (the runs are per dataset and method)")
+    if "seed" in over:
+        raise ConfigError("final: give seeds with --seed (repeatable), not seed=")
+    dataset, method = over.pop("dataset"), over.pop("method")
+    hparams = read_selection(args.hparams) if args.hparams else None
+    for m in final(_profile(args), dataset, method, args.out, args.seed, hparams, over):
+        evals = ", ".join(f"{s} {v['acc']:.2f}%" for s, v in m["eval"].items())
+        print(f"{dataset}/{method} seed {m['seed']}: {evals}")
+
+
 def cmd_select(args) -> None:
     from .selection import select
 
@@ -139,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("search", cmd_search, "train a method's lr x wd search grid on one dataset, one folder per point")
     sp.add_argument("--out", required=True, help="folder of the method's search runs (lr<lr>_wd<wd>/ each)")
     sp.add_argument("--lr", type=float, action="append", help="only this grid lr (repeatable)")
+    sp.add_argument("overrides", nargs="*", help="dataset=<d> method=<m> and run-config overrides")
+    sp = add("final", cmd_final, "train a method's final runs on one dataset, one folder per seed")
+    sp.add_argument("--out", required=True, help="folder of the method's final runs (seed<k>/ each)")
+    sp.add_argument("--hparams", help="selection JSON (provpt select) whose lr and weight_decay to use")
+    sp.add_argument("--seed", type=int, action="append", help="only this seed (repeatable; default: the profile's)")
     sp.add_argument("overrides", nargs="*", help="dataset=<d> method=<m> and run-config overrides")
     sp = add("select", cmd_select, "pick lr/wd from search runs by last-epoch eval accuracy")
     sp.add_argument("--runs", nargs="+", required=True, help="search run folders")

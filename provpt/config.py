@@ -20,6 +20,9 @@ import yaml
 
 METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "pro-vpt", "pro-vpt-exact", "lora", "adapter")
 RELOCATING = ("pro-vpt", "pro-vpt-exact")  # the methods whose prompts move (VPT-Deep's start)
+# Methods that train only prompts and a head over a frozen backbone: their runs can share one
+# backbone and one forward (provpt.train.run_pack); the others train weights inside it.
+PACKABLE = ("linear", "vpt-shallow", "vpt-deep", *RELOCATING)
 # A method's own run keys, the first layer over RunConfig's defaults. pro-vpt is the authors' method
 # as the profile configures it; pro-vpt-exact is ours: the log-gate's exact-removal idleness (online),
 # a shortlist of 8 verified by exact removal on 2 probe batches, the moved prompt's own idleness
@@ -172,7 +175,7 @@ class RunConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: leave torch's default
-    precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp64 (exactness checks)
     compile: bool = False
     eval_every: int = 1
     checkpoint_every: int = 1  # epochs between resumable checkpoints (the last epoch always)
@@ -212,8 +215,8 @@ class RunConfig:
             bad("augment", self.augment, "none or fgvc")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            bad("precision", self.precision, "auto, fp32 or bf16")
+        if self.precision not in ("auto", "fp32", "bf16", "fp64"):
+            bad("precision", self.precision, "auto, fp32, bf16 or fp64")
         for key in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, getattr(self, key), "an integer >= 1")

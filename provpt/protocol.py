@@ -5,14 +5,18 @@
   each into ``<root>/lr<lr>_wd<wd>/``; a finished point is not trained again;
 - ``select`` (:mod:`provpt.selection`): the best point on that split only, never on test;
 - ``final``: the selected lr/wd, one run per seed, on ``final.train_split`` -> ``final.eval_split``
-  (``provpt train --stage final --hparams <selection>``).
+  (``provpt final --hparams <selection>``, or one seed with ``provpt train --stage final``).
+
+Runs of one stage train as packs of up to ``pack.<stage>`` runs (profile knob; 1: one by one) through
+one shared backbone (:func:`provpt.train.run_pack`); methods that train backbone weights always go
+one by one. Each run keeps its own folder, and a killed job resumes every run where it stopped.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, as_mapping, deep_merge, fmt, read_profile, resolve, search_grid
+from .config import PACKABLE, ConfigError, as_mapping, deep_merge, fmt, read_profile, resolve, search_grid
 
 
 def point_dir(root, lr, wd) -> Path:
@@ -35,8 +39,46 @@ def search_configs(profile, dataset: str, method: str, root, lrs=None, overrides
             for lr in grid_lrs for wd in wds]
 
 
-def search(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list[dict]:
-    """Train the search points (resuming unfinished ones); returns their metrics."""
-    from .train import run
+def pack_size(profile, stage: str, method: str) -> int:
+    """How many runs of ``stage`` train together: the profile's ``pack.<stage>`` (1 when unset, and
+    for methods that train backbone weights)."""
+    size = ((read_profile(profile).get("pack") or {}).get(stage)) or 1
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"pack.{stage}={size!r}: expected an integer >= 1")
+    return size if method in PACKABLE else 1
 
-    return [run(cfg) for cfg in search_configs(profile, dataset, method, root, lrs, overrides)]
+
+def train_packed(cfgs: list, size: int) -> list[dict]:
+    """Train ``cfgs`` in packs of ``size`` (in order); returns every run's metrics."""
+    from .train import run_pack
+
+    return [m for i in range(0, len(cfgs), size) for m in run_pack(cfgs[i:i + size])]
+
+
+def search(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list[dict]:
+    """Train the search points (resuming unfinished ones) in packs; returns their metrics."""
+    prof = read_profile(profile)
+    cfgs = search_configs(prof, dataset, method, root, lrs, overrides)
+    return train_packed(cfgs, pack_size(prof, "search", method))
+
+
+def final_configs(profile, dataset: str, method: str, root, seeds=None, hparams: dict | None = None,
+                  overrides=()) -> list:
+    """The final runs of a method on one dataset, one per seed (default: the profile's), each into
+    ``<root>/seed<k>/``, with the selection's ``hparams``."""
+    prof = read_profile(profile)
+    seeds = list(prof.get("seeds") or []) if seeds is None else list(seeds)
+    if not seeds:
+        raise ConfigError(f"final {dataset}/{method}: no seeds (give some, or set `seeds` in the profile)")
+    over = as_mapping(overrides, "command line")
+    return [resolve(prof, method, "final", deep_merge(over, {"dataset": dataset, "seed": int(s),
+                                                             "out": str(Path(root) / f"seed{int(s)}")}),
+                    dict(hparams or {}))
+            for s in seeds]
+
+
+def final(profile, dataset: str, method: str, root, seeds=None, hparams: dict | None = None, overrides=()) -> list[dict]:
+    """Train the final runs (resuming unfinished ones) in packs; returns their metrics."""
+    prof = read_profile(profile)
+    cfgs = final_configs(prof, dataset, method, root, seeds, hparams, overrides)
+    return train_packed(cfgs, pack_size(prof, "final", method))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
 
-__all__ = ["resolve_device", "autocast_for", "claim_gpu_slot", "gpu_lock_dir"]
+__all__ = ["resolve_device", "autocast_for", "dtype_for", "claim_gpu_slot", "gpu_lock_dir"]
 
 _held = {}  # (count, lock folder) -> (index, lock): the slot this process holds, kept until it exits
 
@@ -79,6 +79,13 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={cfg.device} but CUDA is not available on this machine")
     return torch.device(cfg.device)
+
+
+def dtype_for(cfg: RunConfig):
+    """The dtype of a run's parameters and inputs: float64 under precision fp64, else float32."""
+    import torch
+
+    return torch.float64 if cfg.precision == "fp64" else torch.float32
 
 
 def autocast_for(cfg: RunConfig, device):

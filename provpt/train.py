@@ -1,9 +1,16 @@
-"""The training loop: one run of one method on one dataset, into one run folder.
+"""The training loop: runs of one method on one dataset, each into its own run folder.
 
 Read top to bottom: set up (device, data, model, optimiser, relocator), resume if a checkpoint
 exists, then per epoch: learning rate -> relocation (PRO-VPT) -> train -> evaluate -> checkpoint.
 A run folder is complete when ``metrics.json`` exists; every file is written atomically, so a
 killed run loses at most the epoch in progress and a rerun resumes from the last checkpoint.
+
+Several runs of one task (other lr, weight decay, seed, prompts or relocation settings) can train
+as one *pack* (:func:`run_pack`; :func:`run` is a pack of one): their batches are concatenated
+through one shared frozen backbone (:func:`provpt.model.prompted_vit.packed_forward`), and each run
+keeps its own prompts, head, optimiser, gradient clipping, data order, dropout stream, relocator,
+checkpoint and run folder. A run computes the same in a pack as alone, up to the order of
+floating-point sums (tested), and a killed pack resumes every run where it stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,11 +29,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from .clock import NULL_CLOCK
-from .config import RELOCATING, RunConfig
+from .config import PACKABLE, RELOCATING, RunConfig
 from .data.task import TaskData
 from .io import file_sha256, json_sha256, save_safetensors, save_torch, write_text
+from .model.backbone import create_backbone
 from .model.methods import build_model, count_parameters, trainable_parameters
-from .runtime import autocast_for, resolve_device
+from .model.prompted_vit import packed_forward
+from .runtime import autocast_for, dtype_for, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 log = logging.getLogger(__name__)
@@ -67,10 +77,10 @@ def make_optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_run(cfg: RunConfig, num_classes: int, device) -> tuple:
-    """What a run trains, built as every run builds it: (model, optimiser, relocator or None)."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes).to(device)
+def build_run(cfg: RunConfig, num_classes: int, device, backbone=None) -> tuple:
+    """What a run trains, built as every run builds it: (model, optimiser, relocator or None);
+    ``backbone``: a frozen ViT shared with the other runs of a pack."""
+    model = build_model(cfg, num_classes, backbone).to(device, dtype_for(cfg))
     return model, make_optimizer(cfg, model), make_relocator(cfg, model)
 
 
@@ -99,156 +109,291 @@ def save_epochs(cfg: RunConfig) -> set[int]:
     return {int(round(float(f) * cfg.epochs)) for f in cfg.save_at}
 
 
+# ----------------------------------------------------------------------------- a run of a pack
+
+
+@dataclass
+class Member:
+    """One run as the loop trains it: its configuration and everything it owns."""
+
+    cfg: RunConfig
+    model: object
+    optimizer: torch.optim.Optimizer
+    relocator: object = None
+    forward: object = None  # the (compiled) model to call; ``model`` by default
+    out: Path | None = None
+    history: list = field(default_factory=list)
+    wall: float = 0.0
+    start: int = 0  # the first epoch still to train
+
+    def __post_init__(self):
+        self.forward = self.forward or self.model
+        self.params = [p for _, p in trainable_parameters(self.model)]
+
+
+# Keys in which the runs of one pack may differ; every other key must be equal (one task, one data
+# order length, one backbone, one schedule of epochs and evaluations, one device).
+PACK_FREE = frozenset({"lr", "weight_decay", "seed", "out", "relocation", "num_prompts", "method", "momentum",
+                       "head_init", "grad_clip", "optimizer", "schedule", "warmup_epochs", "prompt_dropout",
+                       "checkpoint_every", "save_at", "progress"})
+
+
+def check_pack(cfgs: list[RunConfig]) -> None:
+    """Can these runs train as one pack? Raises a ValueError naming the first key they differ in."""
+    if len(cfgs) < 2:
+        return
+    bad = [c.method for c in cfgs if c.method not in PACKABLE]
+    if bad:
+        raise ValueError(f"pack: method(s) {sorted(set(bad))} train backbone weights and cannot share one "
+                         f"backbone; packable: {list(PACKABLE)}")
+    if len({c.method == "vpt-shallow" for c in cfgs}) > 1:
+        raise ValueError("pack: vpt-shallow (prompts carried through the depth) cannot pack with deep prompts")
+    first = cfgs[0].to_dict()
+    for c in cfgs[1:]:
+        d = c.to_dict()
+        for key in first:
+            if key not in PACK_FREE and d[key] != first[key]:
+                raise ValueError(f"pack: {key} differs between runs ({first[key]!r} in {cfgs[0].out}, "
+                                 f"{d[key]!r} in {c.out}); runs of one pack may differ only in {sorted(PACK_FREE)}")
+
+
 # ----------------------------------------------------------------------------- phases
 
 
-def train_epoch(model, data: TaskData, cfg: RunConfig, optimizer, epoch: int, autocast, clock=NULL_CLOCK,
-                max_batches: int | None = None) -> dict:
-    """One pass over the training split (or its first ``max_batches`` batches); metrics accumulate on
-    the device (one sync at the end). ``clock`` times the phases (:mod:`provpt.clock`)."""
-    model.train()
-    params = [p for _, p in trainable_parameters(getattr(model, "_orig_mod", model))]  # compiled: the gates stay out
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: float32 (bf16 autocast output widened), float64 kept."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def train_members(members: list[Member], data: TaskData, epoch: int, autocast, clock=NULL_CLOCK,
+                  max_batches: int | None = None) -> list[dict]:
+    """One pass over the training split (or its first ``max_batches`` batches) for every run: each its
+    own data order; one concatenated forward and backward; each its own clipping and step. Metrics
+    accumulate on the device (one sync at the end). ``clock`` times the phases (:mod:`provpt.clock`)."""
+    cfg = members[0].cfg
+    for m in members:
+        m.model.train()
     labels = data.splits[cfg.train_split][1]
     n = len(labels)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=gen).to(labels.device)  # one copy, no per-batch sync
-    loss_sum, correct = torch.zeros((), device=labels.device), torch.zeros((), device=labels.device)
+    gens = [torch.Generator().manual_seed(m.cfg.seed * 100_003 + epoch) for m in members]
+    orders = [torch.randperm(n, generator=g).to(labels.device) for g in gens]  # one copy, no per-batch sync
+    zero = torch.zeros((), device=labels.device, dtype=data.dtype)
+    loss_sums, corrects = [zero.clone() for _ in members], [zero.clone() for _ in members]
     batches = images = 0
     for start in range(0, n, cfg.batch_size):
         if max_batches and batches >= max_batches:
             break
         with clock.batch("data"):
-            x, y = data.batch(cfg.train_split, order[start:start + cfg.batch_size], True, gen)
+            parts = [data.batch(cfg.train_split, o[start:start + cfg.batch_size], True, g) for o, g in zip(orders, gens)]
+            x = parts[0][0] if len(parts) == 1 else torch.cat([xb for xb, _ in parts])
         with clock.batch("forward_backward"):
             with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+                if len(members) == 1:
+                    logits = [members[0].forward(x)]
+                else:
+                    logits = packed_forward([m.model for m in members], x, [len(y) for _, y in parts])
+            losses = [F.cross_entropy(_wide(z), y) for z, (_, y) in zip(logits, parts)]
             clock.mark("forward")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for m in members:
+                m.optimizer.zero_grad(set_to_none=True)
+            (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
         with clock.batch("optimizer"):
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-        loss_sum += loss.detach()
-        correct += (logits.argmax(-1) == y).sum()
+            for m in members:
+                if m.cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(m.params, m.cfg.grad_clip)
+                m.optimizer.step()
+        for j, (z, (_, y)) in enumerate(zip(logits, parts)):
+            loss_sums[j] += losses[j].detach()
+            corrects[j] += (z.argmax(-1) == y).sum()
         batches += 1
-        images += len(y)
-    loss_sum, correct = loss_sum.item(), correct.item()
-    return {"train_loss": loss_sum / batches, "train_acc": 100.0 * correct / images,
-            "train_loss_faithful": loss_sum / cfg.batch_size, "batches": batches, "images": images}
+        images += len(parts[0][1])
+    return [{"train_loss": s / batches, "train_acc": 100.0 * c / images, "train_loss_faithful": s / m.cfg.batch_size,
+             "batches": batches, "images": images}
+            for m, s, c in zip(members, torch.stack(loss_sums).tolist(), torch.stack(corrects).tolist())]
+
+
+def train_epoch(model, data: TaskData, cfg: RunConfig, optimizer, epoch: int, autocast, clock=NULL_CLOCK,
+                max_batches: int | None = None) -> dict:
+    """One pass of one run (:func:`train_members` of a pack of one); ``model`` may be compiled."""
+    plain = getattr(model, "_orig_mod", model)
+    return train_members([Member(cfg, plain, optimizer, forward=model)], data, epoch, autocast, clock, max_batches)[0]
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, split: str, autocast, batch_size: int = 256) -> dict:
-    model.eval()
+def evaluate_models(models: list, data: TaskData, split: str, autocast, batch_size: int = 256) -> list[dict]:
+    """Accuracy and mean loss of every model on ``split``, each batch through all of them in one forward."""
+    for m in models:
+        m.eval()
     dev = data.mean.device
-    loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    loss_sums = torch.zeros(len(models), device=dev, dtype=data.dtype)
+    corrects = torch.zeros(len(models), device=dev)
     for x, y in data.batches(split, batch_size):
         with autocast:
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(-1) == y).sum()
+            xs = x if len(models) == 1 else x.repeat(len(models), *([1] * (x.dim() - 1)))
+            logits = packed_forward(models, xs, [len(y)] * len(models))
+        for j, z in enumerate(logits):
+            z = _wide(z)
+            loss_sums[j] += F.cross_entropy(z, y, reduction="sum")
+            corrects[j] += (z.argmax(-1) == y).sum()
     n = len(data.splits[split][1])
-    return {"acc": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+    return [{"acc": 100.0 * c / n, "loss": s / n} for s, c in zip(loss_sums.tolist(), corrects.tolist())]
+
+
+def evaluate(model, data: TaskData, split: str, autocast, batch_size: int = 256) -> dict:
+    return evaluate_models([model], data, split, autocast, batch_size)[0]
+
+
+def run_members(members: list[Member], data: TaskData, epoch: int, autocast, eval_splits=(), clock=NULL_CLOCK,
+                max_batches: int | None = None) -> list[dict]:
+    """One epoch of a pack as :func:`run_pack` trains it: learning rates -> relocation (PRO-VPT, each
+    run on its own) -> train -> the relocators' bookkeeping -> evaluation of ``eval_splits``.
+    Returns each run's history row (without the distribution); shared phases' seconds are split
+    evenly among the runs."""
+    k = len(members)
+    t0 = time.perf_counter()
+    relocation, moves = [], []
+    for m in members:
+        for group in m.optimizer.param_groups:
+            group["lr"] = lr_at(m.cfg, epoch)
+        r0 = time.perf_counter()
+        if m.relocator is not None:
+            train_batches = lambda m=m: data.batches(m.cfg.train_split, m.cfg.batch_size)  # noqa: E731 (fixed order)
+            with clock.once("relocation"), autocast:
+                moves.append(m.relocator.start_epoch(epoch, m.forward, train_batches, F.cross_entropy, clock))
+        else:
+            moves.append([])
+        relocation.append(time.perf_counter() - r0)
+    t1 = time.perf_counter()
+    stats = train_members(members, data, epoch, autocast, clock, max_batches)
+    for m, st in zip(members, stats):
+        if m.relocator is not None:
+            m.relocator.end_epoch(epoch, m.model, st["batches"], st["train_loss"], st["train_loss_faithful"], clock)
+    t2 = time.perf_counter()
+    with clock.once("eval"):
+        per_split = {s: evaluate_models([m.forward for m in members], data, s, autocast) for s in eval_splits}
+    t3 = time.perf_counter()
+    return [{"epoch": epoch, "lr": lr_at(m.cfg, epoch), **st, "eval": {s: v[j] for s, v in per_split.items()},
+             "moves": len(moves[j]), "time_s": {"relocation": relocation[j], "train": (t2 - t1) / k, "eval": (t3 - t2) / k}}
+            for j, (m, st) in enumerate(zip(members, stats))]
 
 
 def run_epoch(model, data: TaskData, cfg: RunConfig, optimizer, relocator, epoch: int, autocast,
               eval_splits=(), forward_model=None, clock=NULL_CLOCK, max_batches: int | None = None) -> dict:
-    """One epoch as :func:`run` trains it: learning rate -> relocation (PRO-VPT) -> train -> the
-    relocator's bookkeeping -> evaluation of ``eval_splits``. ``forward_model``: the (compiled) model
-    to call, ``model`` by default. Returns the epoch's history row (without the distribution)."""
-    fwd = forward_model or model
-    t0 = time.perf_counter()
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(cfg, epoch)
-    moves = []
-    if relocator is not None:
-        train_batches = lambda: data.batches(cfg.train_split, cfg.batch_size)  # noqa: E731 (fixed order)
-        with clock.once("relocation"), autocast:
-            moves = relocator.start_epoch(epoch, fwd, train_batches, F.cross_entropy, clock)
-    t1 = time.perf_counter()
-    stats = train_epoch(fwd, data, cfg, optimizer, epoch, autocast, clock, max_batches)
-    if relocator is not None:
-        relocator.end_epoch(epoch, model, stats["batches"], stats["train_loss"], stats["train_loss_faithful"], clock)
-    t2 = time.perf_counter()
-    with clock.once("eval"):
-        evals = {s: evaluate(fwd, data, s, autocast) for s in eval_splits}
-    t3 = time.perf_counter()
-    return {"epoch": epoch, "lr": lr_at(cfg, epoch), **stats, "eval": evals, "moves": len(moves),
-            "time_s": {"relocation": t1 - t0, "train": t2 - t1, "eval": t3 - t2}}
+    """One epoch of one run (:func:`run_members` of a pack of one); ``forward_model``: the compiled
+    model to call, ``model`` by default."""
+    m = Member(cfg, model, optimizer, relocator, forward_model)
+    return run_members([m], data, epoch, autocast, eval_splits, clock, max_batches)[0]
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the runs
 
 
 def run(cfg: RunConfig, on_epoch_end=None) -> dict:
     """Train ``cfg`` into ``cfg.out`` (resuming if a checkpoint is there); returns the metrics."""
-    out = Path(cfg.out)
-    if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
-    autocast = autocast_for(cfg, device)
-    data = TaskData(cfg, device)  # a missing dataset fails here, before the run folder exists
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_pack([cfg], on_epoch_end)[0]
 
-    model, optimizer, relocator = build_run(cfg, data.num_classes, device)
-    forward_model = torch.compile(model) if cfg.compile else model
 
-    start, history, wall = 0, [], 0.0
-    if (out / CHECKPOINT).exists():
-        ck = load_checkpoint(out / CHECKPOINT, device)
-        model.load_trainable_state(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        if ck.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        if relocator is not None:
-            relocator.load_state_dict(ck["relocator"])
-        start, history, wall = ck["epoch"], ck["history"], ck["wall_time_s"]
+def _resume(m: Member, device) -> None:
+    if not (m.out / CHECKPOINT).exists():
+        return
+    ck = load_checkpoint(m.out / CHECKPOINT, device)
+    m.model.load_trainable_state(ck["model"])
+    m.optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("dropout_rng") is not None:
+        m.model.prompts.set_rng_state(ck["dropout_rng"])
+    if m.relocator is not None:
+        m.relocator.load_state_dict(ck["relocator"])
+    m.start, m.history, m.wall = ck["epoch"], ck["history"], ck["wall_time_s"]
 
-    def checkpoint(epoch: int) -> dict:
-        return {"epoch": epoch, "model": model.trainable_state(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "history": history, "wall_time_s": wall,
-                "relocator": relocator.state_dict() if relocator is not None else None}
 
+def _checkpoint(m: Member, epoch: int) -> dict:
+    return {"epoch": epoch, "model": m.model.trainable_state(), "optimizer": m.optimizer.state_dict(),
+            "rng": torch.get_rng_state(), "dropout_rng": m.model.prompts.rng_state(),
+            "history": m.history, "wall_time_s": m.wall,
+            "relocator": m.relocator.state_dict() if m.relocator is not None else None}
+
+
+def _end_epoch(m: Member, row: dict, epoch: int, packed: int) -> None:
+    """Book an epoch of one run: history, log line, checkpoint, logs."""
+    cfg = m.cfg
+    seconds = sum(row["time_s"].values())
+    m.wall += seconds
+    m.history.append({**row, "distribution": m.model.distribution()})
+    evals = row["eval"]
+    log.info("%s/%s seed %d%s epoch %d/%d: loss %.4f, train acc %.2f%%%s, %d move(s), %.1f s", cfg.dataset,
+             cfg.method, cfg.seed, f" lr {cfg.lr:g} wd {cfg.weight_decay:g}" if packed > 1 else "", epoch + 1,
+             cfg.epochs, row["train_loss"], row["train_acc"],
+             "".join(f", {s} {v['acc']:.2f}%" for s, v in evals.items()), row["moves"], seconds)
     keep = save_epochs(cfg)
-    if start == 0 and 0 in keep:
-        save_torch(checkpoint(0), out / "checkpoints" / "epoch000.pt")
-    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not cfg.progress,
-               desc=f"{cfg.dataset}/{cfg.method}", leave=False)
+    last = epoch == cfg.epochs - 1
+    if (epoch + 1) % cfg.checkpoint_every == 0 or last or epoch + 1 in keep:
+        ck = _checkpoint(m, epoch + 1)
+        save_torch(ck, m.out / CHECKPOINT)
+        if epoch + 1 in keep:
+            save_torch(ck, m.out / "checkpoints" / f"epoch{epoch + 1:03d}.pt")
+    write_logs(m.out, m.history, m.relocator)
+
+
+def run_pack(cfgs: list[RunConfig], on_epoch_end=None) -> list[dict]:
+    """Train the runs ``cfgs`` together (:func:`check_pack`), each into its ``out`` folder; finished
+    runs are read, unfinished ones resume from their checkpoints. Returns every run's metrics."""
+    results = [None] * len(cfgs)
+    todo = []
+    for i, cfg in enumerate(cfgs):
+        done = Path(cfg.out) / "metrics.json"
+        if done.exists():
+            results[i] = json.loads(done.read_text())
+        else:
+            todo.append(i)
+    if not todo:
+        return results
+    cfgs_todo = [cfgs[i] for i in todo]
+    check_pack(cfgs_todo)
+    first = cfgs_todo[0]
+    if first.threads > 0:
+        torch.set_num_threads(first.threads)
+    device = resolve_device(first)
+    autocast = autocast_for(first, device)
+    data = TaskData(first, device)  # a missing dataset fails here, before any run folder exists
+    shared = None
+    if len(todo) > 1:
+        shared = create_backbone(first.backbone, first.weights, **first.backbone_kwargs).to(device, dtype_for(first))
+    members = []
+    for cfg in cfgs_todo:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        model, optimizer, relocator = build_run(cfg, data.num_classes, device, shared)
+        forward = torch.compile(model) if cfg.compile and shared is None else model
+        m = Member(cfg, model, optimizer, relocator, forward, out)
+        _resume(m, device)
+        if m.start == 0 and 0 in save_epochs(cfg):
+            save_torch(_checkpoint(m, 0), out / "checkpoints" / "epoch000.pt")
+        members.append(m)
+
+    begin = min(m.start for m in members)
+    name = f"{first.dataset}/{first.method}" + (f" x{len(members)}" if len(members) > 1 else "")
+    bar = tqdm(range(begin, first.epochs), initial=begin, total=first.epochs, disable=not first.progress,
+               desc=name, leave=False)
     for epoch in bar:
-        last = epoch == cfg.epochs - 1
-        splits = [s for s in cfg.eval_splits if last or (epoch + 1) % cfg.eval_every == 0]
-        row = run_epoch(model, data, cfg, optimizer, relocator, epoch, autocast, splits, forward_model)
-        seconds = sum(row["time_s"].values())
-        wall += seconds
-        history.append({**row, "distribution": model.distribution()})
-        evals = row["eval"]
-        log.info("%s/%s seed %d epoch %d/%d: loss %.4f, train acc %.2f%%%s, %d move(s), %.1f s", cfg.dataset,
-                 cfg.method, cfg.seed, epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"],
-                 "".join(f", {s} {v['acc']:.2f}%" for s, v in evals.items()), row["moves"], seconds)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or last or epoch + 1 in keep:
-            ck = checkpoint(epoch + 1)
-            save_torch(ck, out / CHECKPOINT)
-            if epoch + 1 in keep:
-                save_torch(ck, out / "checkpoints" / f"epoch{epoch + 1:03d}.pt")
-        write_logs(out, history, relocator)
-        if evals:
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                            **{s: f"{v['acc']:.1f}" for s, v in evals.items()})
+        active = [m for m in members if m.start <= epoch]
+        last = epoch == first.epochs - 1
+        splits = [s for s in first.eval_splits if last or (epoch + 1) % first.eval_every == 0]
+        rows = run_members(active, data, epoch, autocast, splits)
+        for m, row in zip(active, rows):
+            _end_epoch(m, row, epoch, len(members))
+        if rows[0]["eval"]:
+            bar.set_postfix(loss=f"{rows[0]['train_loss']:.3f}",
+                            **{s: f"{v['acc']:.1f}" for s, v in rows[0]["eval"].items()})
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
-    save_trainable(model, out / "trainable.safetensors")
-    metrics = final_metrics(cfg, model, data, history, wall)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics
+    for i, m in zip(todo, members):
+        save_trainable(m.model, m.out / "trainable.safetensors")
+        metrics = final_metrics(m.cfg, m.model, data, m.history, m.wall, len(members))
+        write_text(m.out / "metrics.json", json.dumps(metrics, indent=2))
+        results[i] = metrics
+    return results
 
 
 def write_logs(out: Path, history: list, relocator) -> None:
@@ -261,7 +406,7 @@ def write_logs(out: Path, history: list, relocator) -> None:
         write_text(out / "moves.jsonl", "".join(json.dumps(m) + "\n" for m in relocator.moves))
 
 
-def final_metrics(cfg: RunConfig, model, data: TaskData, history: list, wall: float) -> dict:
+def final_metrics(cfg: RunConfig, model, data: TaskData, history: list, wall: float, packed: int = 1) -> dict:
     import timm
 
     import provpt
@@ -272,7 +417,7 @@ def final_metrics(cfg: RunConfig, model, data: TaskData, history: list, wall: fl
         "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "train_split": cfg.train_split,
         "eval": last["eval"], "train_loss": last["train_loss"], "train_acc": last["train_acc"],
         **count_parameters(model), "num_prompts": model.prompts.total,
-        "distribution": model.distribution(), "wall_time_s": wall,
+        "distribution": model.distribution(), "wall_time_s": wall, "packed_runs": packed,
         "backbone": cfg.backbone, "weights_sha256": file_sha256(cfg.weights),
         "data_manifest_sha256": json_sha256(data.manifest),
         "norm": cfg.norm, "optimizer": cfg.optimizer, "schedule": cfg.schedule,

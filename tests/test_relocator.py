@@ -49,7 +49,8 @@ def train_epoch(model, params, opt):
 def checkpoint(epoch, model, opt, reloc):
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                "reloc": reloc.state_dict(), "rng": torch.get_rng_state()}, buf)
+                "reloc": reloc.state_dict(), "rng": torch.get_rng_state(),
+                "dropout_rng": model.prompts.rng_state()}, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
 
@@ -64,12 +65,15 @@ def run(cfg, epochs=6, seed=0, stop_after=None, resume=None, relocate=True, chec
         opt.load_state_dict(resume["opt"])
         reloc.load_state_dict(resume["reloc"])
         torch.set_rng_state(resume["rng"])
+        model.prompts.set_rng_state(resume["dropout_rng"])
         start = resume["epoch"] + 1
     for epoch in range(start, epochs):
         before, block = torch.get_rng_state(), model.prompts.block.clone()
+        dropout_before = model.prompts.rng_state()
         moves = reloc.start_epoch(epoch, model, batches, F.cross_entropy) if relocate else []
-        if check_rng:
+        if check_rng:  # neither the global stream nor the prompts' dropout stream is touched
             assert torch.equal(torch.get_rng_state(), before)
+            assert torch.equal(model.prompts.rng_state(), dropout_before)
         n, mean, faithful = train_epoch(model, params, opt)
         if relocate:
             before = torch.get_rng_state()

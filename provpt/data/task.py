@@ -30,14 +30,15 @@ class TaskData:
             self.splits[split] = (torch.from_numpy(np.array(images)).to(device),
                                   torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
         mean, std = NORMALISATION[cfg.norm]
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+        self.mean = torch.tensor(mean, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
         self.augment = cfg.augment
         self.crop = int(cfg.backbone_kwargs.get("img_size", 224)) if cfg.augment == "fgvc" else None
 
     def batch(self, split: str, idx: torch.Tensor, train: bool, gen: torch.Generator | None = None):
         images, labels = self.splits[split]
-        x = images[idx].float()
+        x = images[idx].to(self.dtype)
         if self.crop and x.shape[-1] > self.crop:  # FGVC: random crop + flip in training, centre crop else
             room = x.shape[-1] - self.crop
             if train:

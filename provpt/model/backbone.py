@@ -25,11 +25,15 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None, **kwarg
 
     ``weights`` may be Google's ``.npz`` (loaded by timm's own ``load_pretrained``), a
     ``.safetensors`` file or a ``.pth``/``.pt`` state dict (loaded with ``weights_only=True``).
-    Keys of a classifier head in the file are ignored; any other mismatch is an error.
+    Keys of a classifier head in the file are ignored; any other mismatch is an error. Without
+    ``weights`` the random initialisation has a fixed seed (torch's global RNG untouched): every run,
+    alone or sharing it in a pack, gets the same backbone.
     """
     kwargs = {"num_classes": 0, **kwargs}
     if weights is None:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, **kwargs)
     else:
         path = Path(weights)
         if not path.is_file():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..config import RELOCATING
+from ..config import PACKABLE, RELOCATING
 from .backbone import create_backbone
 from .prompted_vit import PromptedViT, shallow_distribution, uniform_distribution
 
@@ -45,9 +46,16 @@ def vpt_head_init(head: nn.Linear) -> None:
     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
-def build_model(cfg, num_classes: int) -> PromptedViT:
-    """The network of ``cfg.method`` with the right parameters trainable (gates never are)."""
-    vit = create_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+def build_model(cfg, num_classes: int, backbone: nn.Module | None = None) -> PromptedViT:
+    """The network of ``cfg.method`` with the right parameters trainable (gates never are).
+
+    ``backbone``: a frozen ViT shared with other runs (methods in :data:`PACKABLE` only); by
+    default a new one. What the run learns (prompts, head, LoRA, adapters) is initialised from
+    ``cfg.seed`` after the backbone exists, so it does not depend on how the backbone was made."""
+    if backbone is not None and cfg.method not in PACKABLE:
+        raise ValueError(f"method {cfg.method} trains backbone weights: it cannot share a backbone")
+    vit = backbone if backbone is not None else create_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+    torch.manual_seed(cfg.seed)
     L = len(vit.blocks)
     method = cfg.method
     if method in ("vpt-deep", *RELOCATING):
@@ -66,7 +74,7 @@ def build_model(cfg, num_classes: int) -> PromptedViT:
         for i, blk in enumerate(vit.blocks):
             vit.blocks[i] = Adapter(blk, vit.embed_dim, cfg.adapter_dim)
     model = PromptedViT(vit, num_classes, dist, shallow=shallow,
-                        prompt_dropout=cfg.prompt_dropout if dist else 0.0)
+                        prompt_dropout=cfg.prompt_dropout if dist else 0.0, seed=cfg.seed)
     if cfg.head_init == "vpt":
         vpt_head_init(model.head)
     model.finetune_backbone = method == "full"

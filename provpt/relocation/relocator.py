@@ -105,7 +105,7 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
 class Relocator:
     def __init__(self, cfg, num_blocks: int, total: int, seed: int = 0, grad_clip: float = 0.25,
                  epochs: int | None = None):
-        self.cfg, self.num_blocks, self.total, self.grad_clip = cfg, num_blocks, total, grad_clip
+        self.cfg, self.num_blocks, self.total, self.grad_clip, self.seed = cfg, num_blocks, total, grad_clip, seed
         self.epochs = epochs  # the run's length, for relocation.until
         self.allocator = make_allocator(cfg, num_blocks, seed)
         self.moves: list[dict] = []  # every move record, rewards filled in when settled
@@ -121,8 +121,9 @@ class Relocator:
             return False
         return c.enabled and epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.every == 0
 
-    def _scores(self, model, batches, loss_fn, needed: bool):
-        """(per-prompt scores, losses now); scores None when unavailable."""
+    def _scores(self, model, batches, loss_fn, needed: bool, epoch: int = 0):
+        """(per-prompt scores, losses now); scores None when unavailable. The scoring pass draws its
+        dropout masks from a side stream of the epoch, so training's stream is the same without it."""
         if self.cfg.pruning == "norm":
             return norm_scores(model.prompts), self.last_loss
         if self.cfg.scoring == "online":
@@ -130,7 +131,8 @@ class Relocator:
         if not needed:
             return None, None
         dev = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
+                model.prompts.fork_rng(self.seed * 1_000_003 + 7919 * (epoch + 1)):
             clip = self.grad_clip if self.cfg.clip_scores else None
             return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True, idleness=self.cfg.idleness)
 
@@ -141,7 +143,7 @@ class Relocator:
             return []
         moving = self.moves_at(epoch)
         with clock.once("scoring"):
-            scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending))
+            scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending), epoch=epoch)
         reset_online(model.prompts)  # this epoch's training accumulates this epoch's gate gradients only
         with clock.once("ppo_update"):
             self._settle(scores, loss)

@@ -58,7 +58,7 @@ DEFAULTS = {"method": "vpt-deep", "points": [0.25, 0.5, 0.75], "budget_epochs": 
 
 
 def restore(model, optimizer, ck: dict) -> None:
-    """Put the model, optimiser and global RNG back to the checkpoint's state.
+    """Put the model, optimiser, global RNG and prompt-dropout stream back to the checkpoint's state.
 
     The optimiser state is deep-copied: ``Optimizer.load_state_dict`` keeps the given tensors (e.g.
     SGD's momentum buffers) and steps update them in place, which would leak one arm into the next.
@@ -70,6 +70,8 @@ def restore(model, optimizer, ck: dict) -> None:
     model.load_trainable_state(ck["model"])
     optimizer.load_state_dict(copy.deepcopy(ck["optimizer"]))
     torch.set_rng_state(ck["rng"])
+    if ck.get("dropout_rng") is not None:
+        model.prompts.set_rng_state(ck["dropout_rng"])
     if torch.cuda.is_available():  # run() keeps only the CPU RNG: give every arm the same CUDA stream
         torch.cuda.manual_seed_all(int(ck["epoch"]) * 1_000_003 + 7)
 
@@ -137,8 +139,7 @@ def prune_scores(model, data, cfg, prune: str = "taylor", prune_batches: int = 4
         raise ValueError(f"study adjustment: study.prune={prune!r}: expected taylor or removal")
     train = lambda: data.batches(cfg.train_split, cfg.batch_size)  # noqa: E731
     clip = cfg.grad_clip if cfg.relocation.clip_scores else None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), model.prompts.fork_rng(seed):
         return taylor_pass(model, train, F.cross_entropy, clip).double().numpy()
 
 

@@ -231,8 +231,8 @@ def score_point(model, data, cfg, batches: list, options: dict, seed: int = 0) -
     if options.get("pass", True):
         train = lambda: data.batches(cfg.train_split, cfg.batch_size)  # noqa: E731
         clip = cfg.grad_clip if cfg.relocation.clip_scores else None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                model.prompts.fork_rng(seed):
             scores["pass"], times["pass"] = _timed(device, lambda: taylor_pass(model, train, F.cross_entropy, clip))
     if options.get("zeroed", False):
         scores["zeroed"], times["zeroed"] = _timed(device, lambda: zeroed_idleness(model, fixed))
