@@ -122,7 +122,7 @@ class RelocationConfig:
     """PRO-VPT's outer loop (only read for the methods of ``RELOCATING``)."""
 
     enabled: bool = True
-    allocator: str = "ppo"  # ppo | thompson | random | greedy
+    allocator: str = "ppo"  # ppo | thompson | random | greedy | oracle (study-only: every target tried by lookahead)
     scoring: str = "online"  # online | pass
     pruning: str = "taylor"  # taylor | norm
     clip_scores: bool = False  # authors' quirk: per-batch grad clipping also rescales the pass scores
@@ -138,6 +138,8 @@ class RelocationConfig:
     ppo_update: str = "faithful"  # faithful (the authors': Monte-Carlo returns over 2 moves) | bandit
     ppo_update_every: int = 2
     action_space: str = "target"  # target (prune-then-allocate, L actions) | pair (L^2 actions)
+    oracle_steps: int = 4  # oracle: training batches of lookahead after a trial move (the epoch's first ones)
+    oracle_probe: int = 256  # oracle: training images held out of the lookahead that judge each target
 
 
 @dataclass
@@ -237,7 +239,7 @@ class RunConfig:
                 bad("save_at", self.save_at, "fractions in [0, 1]")
         r = self.relocation
         choices = {
-            "allocator": ("ppo", "thompson", "random", "greedy"),
+            "allocator": ("ppo", "thompson", "random", "greedy", "oracle"),
             "scoring": ("online", "pass"),
             "pruning": ("taylor", "norm"),
             "reward": ("mean", "faithful", "move"),
@@ -248,9 +250,11 @@ class RunConfig:
         for key, allowed in choices.items():
             if getattr(r, key) not in allowed:
                 bad(f"relocation.{key}", getattr(r, key), f"one of {list(allowed)}")
+        if r.allocator == "oracle" and r.action_space == "pair":
+            bad("relocation.allocator", r.allocator, "an allocator of target actions (oracle tries every target)")
         if r.verify < 0:
             bad("relocation.verify", r.verify, "an integer >= 0 (0: off)")
-        for key in ("every", "count", "ppo_update_every", "probe_batches"):
+        for key in ("every", "count", "ppo_update_every", "probe_batches", "oracle_steps", "oracle_probe"):
             if getattr(r, key) < 1:
                 bad(f"relocation.{key}", getattr(r, key), "an integer >= 1")
         if not 0 < r.until <= 1:

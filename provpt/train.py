@@ -243,6 +243,46 @@ def evaluate(model, data: TaskData, split: str, autocast, batch_size: int = 256)
     return evaluate_models([model], data, split, autocast, batch_size)[0]
 
 
+def oracle_lookahead(m: Member, data: TaskData, epoch: int, autocast):
+    """The oracle allocator's trials for run ``m`` at ``epoch``: ``lookahead(prompt)`` returns, per target
+    block, the loss on ``relocation.oracle_probe`` held-out training images after moving the prompt there
+    and training ``relocation.oracle_steps`` batches (the epoch's first, as training will see them) with
+    a copy of the optimiser; the source block is the no-move trial. The run is left as it was
+    (parameters, prompt blocks, optimiser, dropout stream, accumulated scores)."""
+    import copy
+
+    from .relocation.idleness import reset_online
+
+    cfg, r, bank = m.cfg, m.cfg.relocation, m.model.prompts
+    n = len(data.splits[cfg.train_split][1])
+    if r.oracle_steps * cfg.batch_size + r.oracle_probe > n:
+        raise ValueError(f"relocation.oracle_steps={r.oracle_steps} batches of {cfg.batch_size} plus "
+                         f"oracle_probe={r.oracle_probe} images exceed the {n} training images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    probe = data.batch(cfg.train_split, order[n - r.oracle_probe:].to(data.mean.device), False)
+
+    def lookahead(k: int) -> list[float]:
+        snapshot = {name: t.detach().clone() for name, t in m.model.trainable_state().items()}
+        state = copy.deepcopy(m.optimizer.state_dict())
+        source, losses = int(bank.block[k]), []
+        for target in range(bank.num_blocks):
+            m.model.load_trainable_state(snapshot)
+            if target != source:
+                bank.move(k, target, r.scale)
+            trial = Member(cfg, m.model, make_optimizer(cfg, m.model))
+            trial.optimizer.load_state_dict(copy.deepcopy(state))
+            with bank.fork_rng(cfg.seed * 1_000_003 + epoch):
+                train_members([trial], data, epoch, autocast, max_batches=r.oracle_steps)
+            m.model.eval()
+            with torch.no_grad(), autocast:
+                losses.append(float(F.cross_entropy(_wide(m.model(probe[0])), probe[1])))
+        m.model.load_trainable_state(snapshot)
+        reset_online(bank)  # the trials' gate gradients are not scores
+        return losses
+
+    return lookahead
+
+
 def run_members(members: list[Member], data: TaskData, epoch: int, autocast, eval_splits=(), clock=NULL_CLOCK,
                 max_batches: int | None = None) -> list[dict]:
     """One epoch of a pack as :func:`run_pack` trains it: learning rates -> relocation (PRO-VPT, each
@@ -258,8 +298,9 @@ def run_members(members: list[Member], data: TaskData, epoch: int, autocast, eva
         r0 = time.perf_counter()
         if m.relocator is not None:
             train_batches = lambda m=m: data.batches(m.cfg.train_split, m.cfg.batch_size)  # noqa: E731 (fixed order)
+            oracle = oracle_lookahead(m, data, epoch, autocast) if m.cfg.relocation.allocator == "oracle" else None
             with clock.once("relocation"), autocast:
-                moves.append(m.relocator.start_epoch(epoch, m.forward, train_batches, F.cross_entropy, clock))
+                moves.append(m.relocator.start_epoch(epoch, m.forward, train_batches, F.cross_entropy, clock, oracle))
         else:
             moves.append([])
         relocation.append(time.perf_counter() - r0)

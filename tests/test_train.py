@@ -118,3 +118,35 @@ def test_checkpoint_with_a_pickled_object_is_refused(toy_root, tmp_path):
     torch.save({**ck, "extra": Payload()}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"checkpoint\.pt: refused to load"):
         run(cfg)
+
+
+def test_the_oracle_tries_every_target_and_leaves_the_run_as_it_was(toy_root, tmp_path):
+    """The oracle's lookahead trains each trial move on a copy of the optimiser and restores the run:
+    after it, parameters, blocks, optimiser state and dropout stream are unchanged; a run with the
+    oracle allocator moves each pruned prompt to the target of lowest held-out loss (or keeps it)."""
+    from provpt.train import Member, build_run, oracle_lookahead
+    from provpt.data.task import TaskData
+    from contextlib import nullcontext
+
+    reloc = {"idleness": "logit", "allocator": "oracle", "oracle_steps": 1, "oracle_probe": 16, "count": 2}
+    cfg = cfg_for(toy_root, tmp_path / "o", method="pro-vpt-exact", epochs=4, lr=2.0, relocation=reloc)
+    data = TaskData(cfg, torch.device("cpu"))
+    model, opt, _ = build_run(cfg, data.num_classes, torch.device("cpu"))
+    m = Member(cfg, model, opt)
+    from provpt.train import train_members
+    train_members([m], data, 0, nullcontext())  # optimiser state to preserve
+    before = {k: v.clone() for k, v in model.trainable_state().items()}
+    opt_before, rng_before = json.dumps(str(opt.state_dict())), model.prompts.rng_state().clone()
+    losses = oracle_lookahead(m, data, 1, nullcontext())(3)
+    assert len(losses) == 3 and len(set(losses)) == 3  # three different trials
+    after = model.trainable_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.dumps(str(opt.state_dict())) == opt_before and torch.equal(model.prompts.rng_state(), rng_before)
+
+    run(cfg)
+    moves = [json.loads(line) for line in (tmp_path / "o" / "moves.jsonl").read_text().splitlines()]
+    assert moves and all(len(mv["lookahead"]) == 3 for mv in moves)
+    for mv in moves:
+        best = min(mv["lookahead"])
+        assert mv["lookahead"][mv["target"]] == best
+        assert mv["target"] == mv["source"] or mv["lookahead"][mv["source"]] > best

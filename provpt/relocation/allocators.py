@@ -1,4 +1,4 @@
-"""Where does a pruned prompt go? One interface, four allocators.
+"""Where does a pruned prompt go? One interface, four allocators and an oracle (the upper bound).
 
 ``act(block_scores, distribution_after_removal, source, total) -> (target, info)``:
 ``block_scores`` (L,) are the per-block sums of idleness scores, ``distribution_after_removal`` the
@@ -178,13 +178,30 @@ class GreedyAllocator(Allocator):
         return self.decode(action, source, np.eye(self.num_actions)[action])
 
 
+class OracleAllocator(Allocator):
+    """The allocation upper bound (study-only): every target is tried from the same state by a short
+    lookahead (:func:`provpt.relocation.relocator.relocate` gets the lookahead from the training
+    loop) and the one with the lowest held-out loss wins; the source block (no move) competes too."""
+
+    oracle = True
+
+    def act(self, block_scores, distribution_after_removal, source, total, losses=None):
+        if losses is None:
+            raise ValueError("relocation.allocator=oracle needs the training loop's lookahead (study-only)")
+        losses = np.asarray(losses, dtype=np.float64)
+        target = int(source) if losses[source] <= losses.min() else int(np.argmin(losses))
+        target, info = self.decode(target, source, np.eye(self.num_actions)[target])
+        return target, {**info, "lookahead": [float(v) for v in losses]}
+
+
 def make_allocator(cfg, num_blocks: int, seed: int = 0) -> Allocator:
     """The allocator of a ``RelocationConfig`` (``allocator``, ``action_space``, ``ppo_update_every``)."""
     pair = cfg.action_space == "pair"
     if cfg.allocator == "ppo":
         return PPOAllocator(num_blocks, seed, pair, update_every=cfg.ppo_update_every,
                             returns=getattr(cfg, "ppo_update", "faithful"))
-    kinds = {"thompson": ThompsonAllocator, "random": RandomAllocator, "greedy": GreedyAllocator}
+    kinds = {"thompson": ThompsonAllocator, "random": RandomAllocator, "greedy": GreedyAllocator,
+             "oracle": OracleAllocator}
     if cfg.allocator not in kinds:
         raise ValueError(f"relocation.allocator={cfg.allocator!r}: expected one of {['ppo', *kinds]}")
     return kinds[cfg.allocator](num_blocks, seed, pair)

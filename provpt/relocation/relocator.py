@@ -45,7 +45,8 @@ def allocator_state(bank, scores: torch.Tensor, pruning: str) -> torch.Tensor:
     return block_sums(scores, bank.block, bank.num_blocks)
 
 
-def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_CLOCK, verify=None) -> list[dict]:
+def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_CLOCK, verify=None,
+             lookahead=None) -> list[dict]:
     """Prune the highest-scoring prompt(s) and let ``allocator`` place each; returns move records.
 
     ``cfg``: a :class:`~provpt.config.RelocationConfig` (``count`` prompts per step, ``scale``,
@@ -53,7 +54,8 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
     "moved" to its own block is left untouched (as the authors do) but still recorded and rewarded.
     ``verify(prompts) -> exact idleness`` (shortlist-and-verify): the ``cfg.verify`` highest scores
     are a shortlist, and the prompt pruned is the shortlist's highest exact idleness (which must be
-    > 0); the first-order scores still form the allocator's state.
+    > 0); the first-order scores still form the allocator's state. ``lookahead(prompt) -> held-out
+    loss per target block`` (the oracle allocator's trials, made by the training loop).
     """
     records = []
     scores = scores.clone().double()
@@ -86,7 +88,10 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
             after = dist.clone()
             after[source] -= 1
             with clock.once("act"):
-                target, info = allocator.act(state, after, source, bank.total)
+                if getattr(allocator, "oracle", False):
+                    target, info = allocator.act(state, after, source, bank.total, losses=lookahead(k))
+                else:
+                    target, info = allocator.act(state, after, source, bank.total)
         score = float(scores[k])
         if target != source:
             bank.move(k, target, cfg.scale)
@@ -97,6 +102,7 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
         candidates[k] = False
         records.append({"epoch": epoch, "prompt": k, "source": source, "target": int(target),
                         "score": score, **({"exact": decide} if exact is not None else {}),
+                        **({"lookahead": info["lookahead"]} if "lookahead" in info else {}),
                         "probs": info["probs"],
                         "distribution": bank.distribution().tolist(), "reward": None})
     return records
@@ -137,8 +143,9 @@ class Relocator:
             return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True, idleness=self.cfg.idleness)
 
     # ------------------------------------------------------------------ per epoch
-    def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK) -> list[dict]:
-        """Settle the pending reward, then relocate if this epoch is scheduled; returns this epoch's moves."""
+    def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK, lookahead=None) -> list[dict]:
+        """Settle the pending reward, then relocate if this epoch is scheduled; returns this epoch's moves.
+        ``lookahead``: the oracle allocator's trial moves (:func:`relocate`)."""
         if not self.cfg.enabled:
             return []
         moving = self.moves_at(epoch)
@@ -153,7 +160,7 @@ class Relocator:
         if self.cfg.verify and self.cfg.pruning == "taylor":
             probe = list(itertools.islice(batches(), self.cfg.probe_batches))
             verify = lambda ks: true_idleness(model, lambda: iter(probe), loss_fn, ks)  # noqa: E731
-        records = relocate(model.prompts, scores, self.allocator, self.cfg, epoch, clock, verify)
+        records = relocate(model.prompts, scores, self.allocator, self.cfg, epoch, clock, verify, lookahead)
         self.pending = list(range(len(self.moves), len(self.moves) + len(records)))
         self.moves.extend(records)
         self.loss_before = copy.deepcopy(loss)

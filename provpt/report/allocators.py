@@ -1,8 +1,8 @@
 """Report of the allocator ablation (:mod:`provpt.studies.allocators`).
 
 Aggregates every run of the study (``<study_dir>/<dataset>/<variant>/seed<k>/summary.json``) and,
-for the variants ``ppo`` and ``vpt-deep``, the main grid's final runs (``results/<profile>/runs/
-final/<dataset>/{pro-vpt,vpt-deep}/<seed>/``, PRO-VPT only if its relocation is the ``ppo``
+for the variants ``ppo``, ``vpt-deep`` and ``exact``, the main grid's final runs (``results/<profile>/runs/
+final/<dataset>/{pro-vpt,vpt-deep,pro-vpt-exact}/<seed>/``, PRO-VPT only if its relocation is the ``ppo``
 variant's) when the study has no run of that variant and seed. Writes tables ``allocators``
 (accuracy mean +- std over seeds, per dataset) and ``allocators_settling``; figures
 ``allocators_accuracy`` and ``allocators_distance`` (displacement from the start over epochs).
@@ -23,7 +23,7 @@ from .figures import save
 from .runs import study_summaries
 from .tables import write_table
 
-GRID_STAND_INS = (("ppo", "pro-vpt"), ("vpt-deep", "vpt-deep"))  # (variant, method of the main grid)
+GRID_STAND_INS = (("ppo", "pro-vpt"), ("vpt-deep", "vpt-deep"), ("exact", "pro-vpt-exact"))  # (variant, grid method)
 
 
 def collect(study_dir: Path, tol: int | None = None, window: int | None = None) -> list[dict]:

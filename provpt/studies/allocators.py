@@ -11,7 +11,10 @@ writes ``out/summary.json``. The workflow makes one job per variant of the profi
 Variants (:data:`VARIANTS`): ``vpt-deep``; ``ppo`` (PRO-VPT as the profile configures it, with
 allocator ppo, Taylor pruning, target actions); ``thompson``, ``random``, ``greedy`` (other
 allocators); ``norm`` (prune by relative prompt norm, the authors' ablation); ``pair`` (the policy
-picks source and target, L^2 actions); ``pass`` (the authors' scoring pass instead of online scores).
+picks source and target, L^2 actions); ``pass`` (the authors' scoring pass instead of online scores);
+``exact`` (``pro-vpt-exact``, ours) and ``oracle`` (``pro-vpt-exact`` whose allocator tries every target
+block by a short lookahead and keeps the best: what any allocator could gain with that pruning and
+schedule, the upper bound).
 
 Settling. ``D_e`` is the distribution at the end of epoch ``e`` (after that epoch's relocation).
 The *settle epoch* is the first epoch ``s`` after which the distribution stays within ``study.tol``
@@ -55,6 +58,8 @@ VARIANTS = {
     "norm": ("pro-vpt", {**_PRO, "relocation.pruning": "norm"}),
     "pair": ("pro-vpt", {**_PRO, "relocation.action_space": "pair"}),
     "pass": ("pro-vpt", {**_PRO, "relocation.scoring": "pass"}),
+    "exact": ("pro-vpt-exact", {}),
+    "oracle": ("pro-vpt-exact", {"relocation.allocator": "oracle"}),
 }
 ORDER = list(VARIANTS)
 
