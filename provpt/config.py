@@ -33,7 +33,7 @@ METHOD_DEFAULTS = {
     "pro-vpt-exact": {"relocation": {"idleness": "logit", "verify": 8, "probe_batches": 2, "reward": "move",
                                      "ppo_update": "bandit", "count": 3, "until": 0.5}},
 }
-STUDIES = ("correlation", "timing", "adjustment", "allocators")
+STUDIES = ("correlation", "timing", "adjustment", "allocators", "rewards")
 STAGES = ("search", "final")
 
 

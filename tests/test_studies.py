@@ -273,6 +273,35 @@ def test_adjustment_study_and_report(root, tmp_path):
     assert len(pd.read_csv(tmp_path / "true" / "arms.csv")) == 3
 
 
+# ----------------------------------------------------------------------------- rewards
+
+
+def test_reward_study_pairs_each_move_with_its_counterfactual_and_reports(root, tmp_path):
+    from provpt.report import rewards as rewards_report
+    from provpt.studies import rewards
+
+    out = tmp_path / "studies" / "rewards" / "toy"
+    s = rewards.main(profile_for(root), [f"out={out}", "epochs=4", "study.points=[0.25, 0.75]",
+                                         "study.score_batches=1"])
+    moves = pd.read_csv(out / "moves.csv")
+    assert len(moves) == 2 * 2 and s["moves"] == 4  # points x (blocks - 1)
+    assert (moves["source"] != moves["target"]).all() and moves["effect"].abs().max() > 0
+    # the authors' reward is the loss drop (the trend) minus the largest gate score after the move
+    assert np.allclose(moves["mean"], moves["trend"] - moves["max_gate_after"], rtol=0, atol=1e-12)
+    assert set(s["correlation"]) == {"mean", "faithful", "move", "trend"}
+    assert s["correlation"]["move"]["n"] == 4 and -1 <= s["correlation"]["move"]["spearman"] <= 1
+    # the effect is paired: the same checkpoint, data and dropout, so the no-move arm is reproducible
+    again = rewards.main(profile_for(root), [f"out={tmp_path / 'again'}", "epochs=4", "study.points=[0.25]",
+                                             "study.score_batches=1", f"study.run={out / 'run'}"])
+    first = pd.read_csv(tmp_path / "again" / "moves.csv")
+    assert np.allclose(first["effect"], moves[moves["epoch"] == first["epoch"][0]]["effect"])
+    assert again["moves"] == 2
+    rewards_report.report(out.parent, tmp_path / "tables", tmp_path / "figures")
+    table = pd.read_csv(tmp_path / "tables" / "rewards.csv")
+    assert len(table) == 4 and set(table["moves"]) == {4}
+    assert (tmp_path / "figures" / "rewards_toy.png").stat().st_size > 5000
+
+
 # ----------------------------------------------------------------------------- allocators
 
 

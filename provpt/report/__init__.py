@@ -8,7 +8,7 @@
 Studies compute, the report presents: a study (:mod:`provpt.studies`) writes numbers (CSV, JSON)
 into ``<results>/studies/<name>/``; its tables and figures are made here, by
 ``STUDY_REPORTS[name](study_dir, tables_dir, figures_dir)`` (modules :mod:`.correlation`,
-:mod:`.timing`, :mod:`.adjustment`, :mod:`.allocators`). The studies reported are those named in
+:mod:`.timing`, :mod:`.adjustment`, :mod:`.allocators`, :mod:`.rewards`). The studies reported are those named in
 the profile's ``studies`` section whose folder exists; other folders are ignored. Each report's
 return value (e.g. the written paths) is recorded under ``studies``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError
-from . import adjustment, allocators, correlation, timing
+from . import adjustment, allocators, correlation, rewards, timing
 
 __all__ = ["STUDY_REPORTS", "make_report", "profile_root"]
 
@@ -27,6 +27,7 @@ STUDY_REPORTS = {
     "timing": timing.report,
     "adjustment": adjustment.report,
     "allocators": allocators.report,
+    "rewards": rewards.report,
 }
 
 

@@ -3,7 +3,9 @@
 - :mod:`.correlation`: Taylor idleness vs true idleness over training (Spearman, cost ratio);
 - :mod:`.timing`: time per epoch by phase and peak memory per method, in one process;
 - :mod:`.adjustment`: which relocation helps most, at 25/50/75% of training (Finding 2);
-- :mod:`.allocators`: PPO vs Thompson/random/greedy, norm pruning, the L^2 action space.
+- :mod:`.allocators`: PPO vs Thompson/random/greedy, norm pruning, the L^2 action space, ours and
+  the oracle allocator (the upper bound);
+- :mod:`.rewards`: each reward against the counterfactual effect of the move.
 
 Each module has ``NAME``, ``DEFAULTS`` (its options) and ``main(profile, overrides) -> summary``
 (one job: one dataset, and one seed or variant where that applies; it writes

@@ -76,14 +76,17 @@ def restore(model, optimizer, ck: dict) -> None:
         torch.cuda.manual_seed_all(int(ck["epoch"]) * 1_000_003 + 7)
 
 
-def continue_training(model, data, cfg, optimizer, start_epoch: int, epochs: int, autocast) -> None:
-    """``epochs`` more epochs exactly as ``train.run`` would train them from ``start_epoch``."""
+def continue_training(model, data, cfg, optimizer, start_epoch: int, epochs: int, autocast) -> list[dict]:
+    """``epochs`` more epochs exactly as ``train.run`` would train them from ``start_epoch``; returns
+    each epoch's training statistics."""
     from ..train import lr_at, train_epoch
 
+    stats = []
     for epoch in range(start_epoch, start_epoch + epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, min(epoch, cfg.epochs - 1))
-        train_epoch(model, data, cfg, optimizer, epoch, autocast)
+        stats.append(train_epoch(model, data, cfg, optimizer, epoch, autocast))
+    return stats
 
 
 def run_arm(model, data, cfg, ck: dict, prompt: int, target: int, budget: int, split: str, autocast,
@@ -97,11 +100,12 @@ def run_arm(model, data, cfg, ck: dict, prompt: int, target: int, budget: int, s
     if target != source:
         model.prompts.move(prompt, target, cfg.relocation.scale)
     immediate = evaluate(model, data, split, autocast)
-    continue_training(model, data, cfg, optimizer, int(ck["epoch"]), budget, autocast)
+    stats = continue_training(model, data, cfg, optimizer, int(ck["epoch"]), budget, autocast)
     final = evaluate(model, data, split, autocast)
     out = {"prompt": int(prompt), "source": source, "target": int(target), "moved": target != source,
            "immediate_loss": immediate["loss"], "immediate_acc": immediate["acc"],
-           "loss": final["loss"], "acc": final["acc"]}
+           "loss": final["loss"], "acc": final["acc"],
+           "train_loss": stats[0]["train_loss"], "train_loss_faithful": stats[0]["train_loss_faithful"]}
     if keep_state:
         out["state"] = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     return out
