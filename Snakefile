@@ -51,8 +51,6 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_-]+",
     method=r"[A-Za-z0-9_-]+",
     seed=r"\d+",
-    lr=r"[0-9.e+-]+",
-    wd=r"[0-9.e+-]+",
     study="|".join(STUDIES),
     variant=r"[A-Za-z0-9_-]+",
 

@@ -54,9 +54,15 @@ def cmd_search(args) -> None:
     if missing:
         raise ConfigError(f"search: give {' and '.join(f'{k}=' for k in missing)} (the grid is per dataset and method)")
     dataset, method = over.pop("dataset"), over.pop("method")
+    points = []
     for m in search(_profile(args), dataset, method, args.out, args.lr, over):
         evals = ", ".join(f"{s} {v['acc']:.2f}%" for s, v in m["eval"].items())
         print(f"{dataset}/{method} lr {m['lr']:g} wd {m['weight_decay']:g}: {evals}")
+        points.append({k: m[k] for k in ("lr", "weight_decay", "eval", "packed_runs")})
+    if args.summary:
+        from .io import write_text
+
+        write_text(Path(args.summary), json.dumps({"dataset": dataset, "method": method, "points": points}, indent=2))
 
 
 def cmd_final(args) -> None:
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("search", cmd_search, "train a method's lr x wd search grid on one dataset, one folder per point")
     sp.add_argument("--out", required=True, help="folder of the method's search runs (lr<lr>_wd<wd>/ each)")
     sp.add_argument("--lr", type=float, action="append", help="only this grid lr (repeatable)")
+    sp.add_argument("--summary", help="also write the grid's points and their metrics to this JSON file")
     sp.add_argument("overrides", nargs="*", help="dataset=<d> method=<m> and run-config overrides")
     sp = add("final", cmd_final, "train a method's final runs on one dataset, one folder per seed")
     sp.add_argument("--out", required=True, help="folder of the method's final runs (seed<k>/ each)")

@@ -37,25 +37,26 @@ VTAB = [
 ]
 FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 
-# Expected jobs. Search: one job per (dataset, method, lr), each training every weight decay.
-#   vtab1k: 8 methods; linear + 4 prompt methods x 8 lrs, full/lora/adapter x 4 lrs -> 52 lr jobs per
-#           dataset (x 4 wds = 208 runs); 3 seeds; studies: correlation 19 + timing 1 + adjustment 3
-#           per dataset, allocators 19 datasets x 5 variants x 3 seeds (one run per job).
+# Expected jobs. Search: one job per (dataset, method), training its whole lr x wd grid in packs;
+# final: one job per (dataset, method), its seeds in packs.
+#   vtab1k: 8 methods; 3 seeds; studies: correlation 19 + timing 1 + adjustment 3 + rewards 0 per
+#           dataset, allocators 19 datasets x 5 variants x 3 seeds (one run per job).
 #   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 5 x 3.
-#   mini:   7 tasks, 5 methods x 2 lrs x 1 wd, 3 seeds, 3 studies on one task + allocators' 5
-#           variants (one seed), pretraining.
+#   mini:   7 tasks, 5 methods, 3 seeds, 4 studies on one task + allocators' 6 variants (one seed),
+#           pretraining.
 #   smoke:  2 tasks, the same grid, 1 seed.
-VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo and vpt-deep come from the grid)
+VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo, vpt-deep, exact come from the grid)
+MINI_VARIANTS = 6  # mini adds the oracle
 M = 5  # mini's methods: linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-exact
 EXPECTED = {
-    "vtab1k": {"prepare": 19, "search_lr": 19 * 52, "select": 19 * 8, "final_run": 19 * 8 * 3,
+    "vtab1k": {"prepare": 19, "search_grid": 19 * 8, "select": 19 * 8, "final_seeds": 19 * 8,
                "study": 19 + 1 + 3, "study_variant": 19 * VARIANTS * 3, "report": 1, "all": 1},
-    "fgvc": {"prepare": 5, "search_lr": 5 * 52, "select": 5 * 8, "final_run": 5 * 8 * 3,
+    "fgvc": {"prepare": 5, "search_grid": 5 * 8, "select": 5 * 8, "final_seeds": 5 * 8,
              "study": 5 + 1 + 1, "study_variant": 5 * VARIANTS * 3, "report": 1, "all": 1},
-    "mini": {"prepare": 7, "pretrain": 1, "search_lr": 7 * M * 2, "select": 7 * M, "final_run": 7 * M * 3,
-             "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
-    "smoke": {"prepare": 2, "pretrain": 1, "search_lr": 2 * M * 2, "select": 2 * M, "final_run": 2 * M,
-              "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1},
+    "mini": {"prepare": 7, "pretrain": 1, "search_grid": 7 * M, "select": 7 * M, "final_seeds": 7 * M,
+             "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
+    "smoke": {"prepare": 2, "pretrain": 1, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
+              "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
 }
 
 
@@ -381,12 +382,13 @@ def test_smoke_profile_edits_rerun_what_they_touch(smoke):
     """Editing the profile reruns the jobs it concerns and everything downstream, nothing else."""
     cases = [
         # (the allocators study trains under the final protocol: its runs rerun too)
-        ("final={overrides: {eval_every: 2}}", {"final_run": 2 * M, "study_variant": VARIANTS, "report": 1,
+        ("final={overrides: {eval_every: 2}}", {"final_seeds": 2 * M, "study_variant": MINI_VARIANTS, "report": 1,
                                                 "all": 1}),
         # (smoke's search runs take their epochs from search.overrides: their configuration is unchanged)
-        ("train={epochs: 3}", {"final_run": 2 * M, "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
-        ("search={overrides: {epochs: 1}}", {"search_lr": 2 * M * 2, "select": 2 * M, "final_run": 2 * M,
-                                             "study": 3, "study_variant": VARIANTS, "report": 1, "all": 1}),
+        ("train={epochs: 3}", {"final_seeds": 2 * M, "study": 4, "study_variant": MINI_VARIANTS, "report": 1,
+                               "all": 1}),
+        ("search={overrides: {epochs: 1}}", {"search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
+                                             "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1}),
     ]
     for override, expected in cases:
         proc = snakemake(smoke, "-n", "--config", "profile=smoke", override)
@@ -404,7 +406,7 @@ def test_smoke_lost_run_is_redone_alone(smoke):
     victim.unlink()
     assert _nothing_to_do(smoke)  # Snakemake semantics: the report is there, nothing asks for the run
     counts = job_counts(snakemake(smoke, "-n", "--forcerun", "report", "--config", "profile=smoke").stdout)
-    assert counts == {"final_run": 1, "report": 1, "all": 1}
+    assert counts == {"final_seeds": 1, "report": 1, "all": 1}
     snakemake(smoke, "--cores", "2", "--forcerun", "report", "--config", "profile=smoke")
     after = json.loads(victim.read_text())
     assert after["eval"] == before["eval"] and after["distribution"] == before["distribution"]
@@ -541,7 +543,7 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
     default = yaml.safe_load((repo / "profiles/default/config.yaml").read_text())
     assert "cores" not in default and "resources" not in default
     slurm = yaml.safe_load((repo / "profiles/slurm/config.yaml").read_text())
-    rules = {"search_lr", "final_run", "study", "study_seed", "study_variant"}
+    rules = {"search_grid", "final_seeds", "study", "study_seed", "study_variant"}
     assert set(slurm["set-resources"]) == rules and "cpus_per_task" not in slurm["default-resources"]
     proc = snakemake(repo, "-n", "-p", "--profile", "profiles/slurm", "--cores", "1000", "--config",
                      *paths_config("vtab1k", roots))
@@ -551,7 +553,7 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
         res = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", block).group(1).split(", "))
         threads = re.search(r" threads=(\d+) ", block)
         seen.setdefault(rule, (res, threads and int(threads.group(1))))
-    for rule in ("search_lr", "final_run", "study", "study_variant"):
+    for rule in ("search_grid", "final_seeds", "study", "study_variant"):
         res, threads = seen[rule]
         assert res["slurm_partition"] == "<gpu-partition>" and res["gpu"] == "1", (rule, res)
         runtime = "720" if rule.startswith("study") else "240"
@@ -571,8 +573,8 @@ SLURM_RESOURCES = ("resources={train: {threads: 1, gpu: 1, mem_mb: 1000, runtime
 SLURM_EXPECTED = {
     "prepare": ("cpu", "1", "1500M", "00:15:00", None),
     "pretrain": ("cpu", "2", "3000M", "00:40:00", None),
-    "search_lr": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
-    "final_run": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
+    "search_grid": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
+    "final_seeds": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
 }
 
 
@@ -648,7 +650,7 @@ def test_smoke_final_runs_through_a_real_slurm(smoke, slurm, tmp_path):
         got = (job["Partition"], job["NumCPUs"], job["MinMemoryNode"], job["TimeLimit"], job.get("TresPerJob"))
         assert got == (partition, cpus, mem, limit, gres), (rule, got)
     counts = {rule: len(js) for rule, js in by_rule.items()}
-    assert counts == {"prepare": 1, "pretrain": 1, "search_lr": 2 * len(methods), "final_run": len(methods)}, counts
+    assert counts == {"prepare": 1, "pretrain": 1, "search_grid": len(methods), "final_seeds": len(methods)}, counts
 
     for target in targets:
         here, local = (json.loads((root / target).read_text()) for root in (repo, smoke))

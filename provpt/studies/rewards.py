@@ -23,7 +23,8 @@ summary also gives the correlation within points (each point's rewards and effec
 
 Options (``study.<key>=``; defaults):
   method: vpt-deep        the run the arms start from
-  points: [0.2, 0.4, 0.6, 0.8]   fractions of training (with L blocks: (L - 1) moves per point)
+  points: [0.2, 0.4, 0.6, 0.8]   fractions of training (with L blocks: (L - 1) moves per point; a
+                          point before the first epoch's end is skipped: no loss before the move)
   budget_epochs: 1        epochs each arm trains before its effect is measured (the reward's horizon)
   split: null             eval split of the effect (null: the run's first eval split)
   score_batches: 4        fixed training batches of the first-order scores
@@ -126,6 +127,8 @@ def main(profile: dict, overrides) -> dict:
     batches = fixed_batches(data, cfg.train_split, cfg.batch_size, int(opts["score_batches"]), cfg.seed)
     rows = []
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
+        if epoch < 1:  # the authors' reward needs the loss of an epoch before the move
+            continue
         ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
         got = point_moves(model, data, cfg, ck, int(opts["budget_epochs"]), split, batches, autocast)
         rows += [{"fraction": frac, **r} for r in got]

@@ -199,7 +199,7 @@ def search_runs(dataset, method):
 
 
 def search_targets():
-    return [f for d in DATASETS for m in METHODS for f in search_runs(d, m)]
+    return [f"{RUNS}/search/{d}/{m}/search.json" for d in DATASETS for m in METHODS]
 
 
 def selection_targets():
@@ -275,9 +275,9 @@ STUDY_OPTIONS = {name: _resolved(f"studies.{name}", parse_overrides, P, [], name
 def job_digest(kind):
     """`params: cfg=` of a rule, from the resolved configuration of its job."""
     if kind == "search":
-        return lambda w: digest(DATA_DIGEST, [_what(c) for c in search_cfgs(w.dataset, w.method, w.lr)])
+        return lambda w: digest(DATA_DIGEST, [_what(c) for lr in lrs(w.method) for c in search_cfgs(w.dataset, w.method, lr)])
     if kind == "final":
-        return lambda w: digest(DATA_DIGEST, _what(final_cfg(w.dataset, w.method, w.seed)))
+        return lambda w: digest(DATA_DIGEST, [_what(final_cfg(w.dataset, w.method, s)) for s in SEEDS])
     if kind == "study":  # a study's runs: the train section, and the protocol stage its options name
         return lambda w: digest(DATA_DIGEST, _what(BASE), P.get("train_by_method"),
                                 (P.get("train_by_dataset") or {}).get(w.dataset), P["studies"][w.study],

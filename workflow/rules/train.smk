@@ -1,24 +1,26 @@
-# Final runs: the selected lr/wd, one run per seed (`provpt train --stage final`: final.train_split,
-# evaluated on final.eval_split, with final.overrides).
+# Final runs: the selected lr/wd, one run per seed (`provpt final`: final.train_split, evaluated on
+# final.eval_split, with final.overrides). One job per (dataset, method) trains its seeds in packs of
+# `pack.final` runs through one shared backbone, each seed into its own folder.
 
 
-rule final_run:
+rule final_seeds:
     input:
         data=RUN_INPUTS,
         hparams=f"{RES}/selection/{{dataset}}/{{method}}.json",
     output:
-        f"{RUNS}/final/{{dataset}}/{{method}}/seed{{seed}}/metrics.json",
+        expand(f"{RUNS}/final/{{{{dataset}}}}/{{{{method}}}}/seed{{seed}}/metrics.json", seed=SEEDS),
     params:
         cfg=job_digest("final"),
+        dir=lambda w, output: Path(output[0]).parent.parent,
     threads: RESOURCES["train"].get("threads", 1)
     resources:
         **job_resources("train"),
     log:
-        f"{LOGS}/final/{{dataset}}/{{method}}/seed{{seed}}.log",
+        f"{LOGS}/final/{{dataset}}/{{method}}.log",
     benchmark:
-        f"{BENCH}/final/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+        f"{BENCH}/final/{{dataset}}/{{method}}/seeds.tsv"
     conda:
         conda_env
     shell:
-        "provpt train --profile \"$PROVPT_PROFILE\" --stage final --hparams {input.hparams} dataset={wildcards.dataset}"
-        " method={wildcards.method} seed={wildcards.seed} threads={threads} out=$(dirname {output}) > {log} 2>&1"
+        "provpt final --profile \"$PROVPT_PROFILE\" --hparams {input.hparams} --out {params.dir}"
+        " dataset={wildcards.dataset} method={wildcards.method} threads={threads} > {log} 2>&1"
