@@ -130,6 +130,14 @@ def cmd_report(args) -> None:
         print(f"{kind}: {paths}")
 
 
+def cmd_compare(args) -> None:
+    from .report.backbones import compare
+
+    written = compare(args.results, _profile(args).get("groups"), Path(args.out))
+    for name, paths in written.items():
+        print(f"{name}: {[str(p) for p in paths]}")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -177,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value overrides (study.<option>=, hparams=, run keys)")
     sp = add("report", cmd_report, "tables (CSV/Markdown/LaTeX) and figures from finished runs")
     sp.add_argument("--results", required=True, help="results/<profile> folder")
+    sp = add("compare", cmd_compare, "pool the final runs of several backbones (results folders of one "
+             "benchmark): accuracy per backbone and paired tests over (backbone, task, seed)")
+    sp.add_argument("--results", nargs="+", required=True, help="results/<profile> folders, one per backbone")
+    sp.add_argument("--out", required=True, help="folder for the tables")
     return p
 
 

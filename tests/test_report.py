@@ -303,3 +303,31 @@ def test_relocation_table_counts_reprunes(tmp_path):
     assert pro["reprune_prev_epoch"] == pytest.approx(1 / 4) and pro["reprune_within_3"] == pytest.approx(2 / 4)
     exact = table.loc[("pro-vpt-exact", "all")]
     assert (exact["moves"], exact["reprune_within_3"]) == (3, 0.0)
+
+
+def test_compare_pools_backbones_into_triples(tmp_path):
+    """Two results folders (two backbones): the pooled test pairs (backbone, task, seed) triples, and a
+    backbone on which pro-vpt is shifted shows in its own row and in the pooled headline difference."""
+    from provpt.cli import main as cli
+
+    make_results(tmp_path / "b0", methods=("vpt-deep", "pro-vpt"))
+    b1 = make_results(tmp_path / "b1", methods=("vpt-deep", "pro-vpt"))
+    for path in (b1 / "runs" / "final").glob("*/pro-vpt/*/metrics.json"):
+        m = json.loads(path.read_text())
+        m["eval"]["test"]["acc"] += 1.0
+        path.write_text(json.dumps(m))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(json.dumps({"groups": GROUPS}))
+    assert cli(["compare", "--profile", str(profile), "--results", str(tmp_path / "b0"), str(b1),
+                "--out", str(tmp_path / "out")]) == 0
+    sig = pd.read_csv(tmp_path / "out" / "backbones_significance.csv").set_index(["comparison", "backbones"])
+    row = sig.loc[("pro-vpt vs vpt-deep", "all backbones")]
+    diffs = [acc(t, "pro-vpt", s) - acc(t, "vpt-deep", s) + shift for shift in (0.0, 1.0) for t in BASE for s in SEEDS]
+    assert row["n_pairs"] == 2 * len(BASE) * len(SEEDS)
+    assert row["mean_diff"] == pytest.approx(np.mean(diffs))
+    assert row["wilcoxon_p"] == pytest.approx(sps.wilcoxon(diffs).pvalue)
+    assert sig.loc[("pro-vpt vs vpt-deep", "b1"), "headline_diff"] == pytest.approx(
+        sig.loc[("pro-vpt vs vpt-deep", "b0"), "headline_diff"] + 1.0)
+    accs = pd.read_csv(tmp_path / "out" / "backbones_accuracy.csv")
+    assert set(accs["backbone"]) == {"b0", "b1", "mean"}
+    assert cli(["compare", "--results", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
