@@ -20,15 +20,21 @@ __all__ = ["TaskData"]
 class TaskData:
     """A task's splits as uint8 tensors (on the training device), normalised batch by batch."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
-        task_dir = Path(cfg.data_root) / cfg.dataset
-        self.manifest = read_manifest(task_dir)
-        self.num_classes = int(self.manifest["num_classes"])
-        self.splits = {}
-        for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits]):
-            images, labels = load_split(task_dir, split)
-            self.splits[split] = (torch.from_numpy(np.array(images)).to(device),
-                                  torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
+    def __init__(self, cfg: RunConfig, device: torch.device, splits: dict | None = None, num_classes: int = 0):
+        """The prepared task ``cfg.dataset`` under ``cfg.data_root``; or, with ``splits`` ({split: (uint8
+        images (n, 3, H, W), int64 labels)}), those tensors as they are (benchmarks)."""
+        if splits is None:
+            task_dir = Path(cfg.data_root) / cfg.dataset
+            self.manifest = read_manifest(task_dir)
+            self.num_classes = int(self.manifest["num_classes"])
+            self.splits = {}
+            for split in dict.fromkeys([cfg.train_split, *cfg.eval_splits]):
+                images, labels = load_split(task_dir, split)
+                self.splits[split] = (torch.from_numpy(np.array(images)).to(device),
+                                      torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))
+        else:
+            self.manifest, self.num_classes = {"synthetic": True}, int(num_classes)
+            self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
         mean, std = NORMALISATION[cfg.norm]
         self.dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
         self.mean = torch.tensor(mean, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
