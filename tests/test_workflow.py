@@ -47,6 +47,7 @@ FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 #   smoke:  2 tasks, the same grid, 1 seed.
 VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo, vpt-deep, exact come from the grid)
 MINI_VARIANTS = 6  # mini adds the oracle
+SMOKE_VARIANTS = 2  # smoke: norm and oracle
 M = 5  # mini's methods: linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-exact
 EXPECTED = {
     "vtab1k": {"prepare": 19, "search_grid": 19 * 8, "select": 19 * 8, "final_seeds": 19 * 8,
@@ -56,7 +57,7 @@ EXPECTED = {
     "mini": {"prepare": 7, "pretrain": 1, "search_grid": 7 * M, "select": 7 * M, "final_seeds": 7 * M,
              "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
     "smoke": {"prepare": 2, "pretrain": 1, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
-              "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
+              "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1, "all": 1},
 }
 
 
@@ -295,7 +296,7 @@ def test_typos_fail_when_the_dag_is_built(repo, override, key):
 # ----------------------------------------------------------------------------- slow: end to end
 
 TABLES = ["accuracy", "accuracy_long", "published", "significance", "selection"]
-STUDY_PREFIXES = ["correlation", "timing", "adjustment", "allocators"]
+STUDY_PREFIXES = ["correlation", "timing", "adjustment", "allocators", "rewards"]
 
 
 @pytest.fixture(scope="module")
@@ -382,13 +383,13 @@ def test_smoke_profile_edits_rerun_what_they_touch(smoke):
     """Editing the profile reruns the jobs it concerns and everything downstream, nothing else."""
     cases = [
         # (the allocators study trains under the final protocol: its runs rerun too)
-        ("final={overrides: {eval_every: 2}}", {"final_seeds": 2 * M, "study_variant": MINI_VARIANTS, "report": 1,
+        ("final={overrides: {eval_every: 2}}", {"final_seeds": 2 * M, "study_variant": SMOKE_VARIANTS, "report": 1,
                                                 "all": 1}),
         # (smoke's search runs take their epochs from search.overrides: their configuration is unchanged)
-        ("train={epochs: 3}", {"final_seeds": 2 * M, "study": 4, "study_variant": MINI_VARIANTS, "report": 1,
+        ("train={epochs: 3}", {"final_seeds": 2 * M, "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1,
                                "all": 1}),
         ("search={overrides: {epochs: 1}}", {"search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
-                                             "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1}),
+                                             "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1, "all": 1}),
     ]
     for override, expected in cases:
         proc = snakemake(smoke, "-n", "--config", "profile=smoke", override)
@@ -527,12 +528,11 @@ def test_one_merge_site_for_cli_study_and_snakemake_jobs(tmp_path_factory, toy_r
     assert yaml.safe_load((copy / "study/config.yaml").read_text())["prompt_dropout"] == 0.3
     proc = subprocess.run([str(BIN / "snakemake"), "-n", "-p", "--config", "profile=smoke"], cwd=copy, env=env,
                           capture_output=True, text=True)
-    job = next(line[line.index("provpt train"):] for line in proc.stdout.splitlines()
-               if "provpt train" in line and "--stage final" in line)
+    job = next(line[line.index("provpt final"):] for line in proc.stdout.splitlines() if "provpt final" in line)
     profile = next((copy / "results/smoke/profiles").glob("*.yaml"))
     args = job.split(" > ")[0].replace('"$PROVPT_PROFILE"', str(profile)).split()[2:]
-    args = [a for i, a in enumerate(args) if a != "--hparams" and (i == 0 or args[i - 1] != "--hparams")
-            and not a.startswith("out=") and not a.endswith(")")]  # (no selection yet; out=$(dirname ...))
+    drop = {"--hparams", "--out"}  # (no selection yet; the folder is the job's)
+    args = ["--stage", "final"] + [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
     assert yaml.safe_load(provpt("config", *args))["prompt_dropout"] == 0.3
 
 
