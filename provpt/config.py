@@ -23,6 +23,7 @@ RELOCATING = ("pro-vpt", "pro-vpt-exact")  # the methods whose prompts move (VPT
 # Methods that train only prompts and a head over a frozen backbone: their runs can share one
 # backbone and one forward (provpt.train.run_pack); the others train weights inside it.
 PACKABLE = ("linear", "vpt-shallow", "vpt-deep", *RELOCATING)
+PROMPTED = ("vpt-shallow", "vpt-deep", *RELOCATING)  # methods with prompts: the search's optional length axis
 # A method's own run keys, the first layer over RunConfig's defaults. pro-vpt is the authors' method
 # as the profile configures it; pro-vpt-exact is ours: the log-gate's exact-removal idleness (online),
 # a shortlist of 8 verified by exact removal on 2 probe batches, the moved prompt's own idleness
@@ -463,8 +464,20 @@ def search_grid(profile, method: str) -> tuple[list[str], list[str]]:
     return [fmt(lr * scale) for lr in grid], [fmt(wd) for wd in s.get("weight_decay") or []]
 
 
+def search_prompts(profile, method: str) -> list:
+    """The search's prompt-length axis for ``method``: ``search.num_prompts`` (prompts per block) for the
+    methods with prompts, else ``[None]`` (no axis: the resolved ``num_prompts`` of the run)."""
+    lengths = ((read_profile(profile).get("search") or {}).get("num_prompts")) or []
+    if method not in PROMPTED or not lengths:
+        return [None]
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in lengths):
+        raise ConfigError(f"search.num_prompts={lengths!r}: expected a list of integers >= 1")
+    return [int(t) for t in lengths]
+
+
 def read_selection(path) -> dict:
-    """lr and weight decay of a ``provpt select`` file, as an ``hparams`` layer for :func:`resolve`."""
+    """lr, weight decay (and prompts per block, when the search had that axis) of a ``provpt select``
+    file, as an ``hparams`` layer for :func:`resolve`."""
     import json
 
     p = Path(str(path))
@@ -472,7 +485,10 @@ def read_selection(path) -> dict:
         raise ConfigError(f"hparams {path}: selection file not found (made by `provpt select`)")
     try:
         sel = json.loads(p.read_text())
-        return {"lr": sel["lr"], "weight_decay": sel["weight_decay"], "_source": str(p)}
+        layer = {"lr": sel["lr"], "weight_decay": sel["weight_decay"], "_source": str(p)}
+        if sel.get("num_prompts") is not None:
+            layer["num_prompts"] = sel["num_prompts"]
+        return layer
     except json.JSONDecodeError as e:
         raise ConfigError(f"hparams {path}: not valid JSON ({e})") from None
     except KeyError as e:

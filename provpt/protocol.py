@@ -1,6 +1,7 @@
 """The search/final protocol (torch-free at import; the training loop is imported when a run starts).
 
-- ``search``: every (lr, weight decay) point of a method's grid (:func:`provpt.config.search_grid`),
+- ``search``: every (lr, weight decay[, prompts per block]) point of a method's grid
+  (:func:`provpt.config.search_grid`, :func:`provpt.config.search_prompts`),
   trained on ``search.train_split`` and evaluated on ``search.eval_split`` with ``search.seed``,
   each into ``<root>/lr<lr>_wd<wd>/``; a finished point is not trained again;
 - ``select`` (:mod:`provpt.selection`): the best point on that split only, never on test;
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import PACKABLE, ConfigError, as_mapping, deep_merge, fmt, read_profile, resolve, search_grid
+from .config import (PACKABLE, ConfigError, as_mapping, deep_merge, fmt, read_profile, resolve, search_grid,
+                     search_prompts)
 
 
-def point_dir(root, lr, wd) -> Path:
-    return Path(root) / f"lr{fmt(lr)}_wd{fmt(wd)}"
+def point_dir(root, lr, wd, prompts=None) -> Path:
+    """``<root>/lr<lr>_wd<wd>`` (``_T<prompts per block>`` with the search's prompt-length axis)."""
+    return Path(root) / (f"lr{fmt(lr)}_wd{fmt(wd)}" + (f"_T{int(prompts)}" if prompts is not None else ""))
 
 
 def search_configs(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list:
@@ -35,8 +38,9 @@ def search_configs(profile, dataset: str, method: str, root, lrs=None, overrides
         grid_lrs = [lr for lr in grid_lrs if lr in wanted]
     over = as_mapping(overrides, "command line")
     return [resolve(prof, method, "search", deep_merge(over, {
-        "dataset": dataset, "lr": float(lr), "weight_decay": float(wd), "out": str(point_dir(root, lr, wd))}))
-            for lr in grid_lrs for wd in wds]
+        "dataset": dataset, "lr": float(lr), "weight_decay": float(wd), "out": str(point_dir(root, lr, wd, t)),
+        **({"num_prompts": t} if t is not None else {})}))
+            for lr in grid_lrs for wd in wds for t in search_prompts(prof, method)]
 
 
 def pack_size(profile, stage: str, method: str) -> int:

@@ -457,7 +457,7 @@ def final_metrics(cfg: RunConfig, model, data: TaskData, history: list, wall: fl
         "dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "lr": cfg.lr,
         "weight_decay": cfg.weight_decay, "epochs": cfg.epochs, "train_split": cfg.train_split,
         "eval": last["eval"], "train_loss": last["train_loss"], "train_acc": last["train_acc"],
-        **count_parameters(model), "num_prompts": model.prompts.total,
+        **count_parameters(model), "num_prompts": model.prompts.total, "prompts_per_block": cfg.num_prompts,
         "distribution": model.distribution(), "wall_time_s": wall, "packed_runs": packed,
         "backbone": cfg.backbone, "weights_sha256": file_sha256(cfg.weights),
         "data_manifest_sha256": json_sha256(data.manifest),

@@ -186,3 +186,33 @@ def test_train_by_dataset_errors_name_the_layer(tmp_path):
     p.write_text("train_by_dataset: {cifar: {num_promts: 3}}\n")
     with pytest.raises(ConfigError, match="train_by_dataset.cifar.*num_promts"):
         resolve(p, "vpt-deep", None, ["dataset=cifar"])
+
+
+def test_prompt_length_axis_of_the_search_reaches_selection_and_final(tmp_path):
+    """search.num_prompts adds a prompts-per-block axis to the prompt methods' grid only; the selection
+    records the chosen length and the final run resolves with it."""
+    import json
+
+    from provpt.config import read_selection, search_prompts
+    from provpt.protocol import search_configs
+    from provpt.selection import select
+
+    prof = {**PROFILE, "search": {**PROFILE["search"], "num_prompts": [5, 20]}}
+    cfgs = search_configs(prof, "a", "vpt-deep", tmp_path)
+    assert len(cfgs) == 2 * 2 * 2 and {c.num_prompts for c in cfgs} == {5, 20}
+    assert {Path(c.out).name for c in cfgs} >= {"lr2_wd0_T5", "lr4_wd0.1_T20"}
+    assert search_prompts(prof, "linear") == [None] and len(search_configs(prof, "a", "linear", tmp_path)) == 4
+    with pytest.raises(ConfigError, match="search.num_prompts"):
+        search_prompts({"search": {"num_prompts": [0]}}, "vpt-deep")
+    for i, c in enumerate(cfgs):  # the T = 20 run at lr 2, wd 0.1 wins
+        Path(c.out).mkdir(parents=True)
+        acc = 90.0 if (c.num_prompts, c.lr, c.weight_decay) == (20, 2.0, 0.1) else 50.0 + i
+        Path(c.out, "metrics.json").write_text(json.dumps({"lr": c.lr, "weight_decay": c.weight_decay,
+                                                           "prompts_per_block": c.num_prompts,
+                                                           "eval": {"val200": {"acc": acc}}}))
+    sel = select([c.out for c in cfgs], "val200", tmp_path / "sel.json")
+    assert (sel["lr"], sel["weight_decay"], sel["num_prompts"]) == (2.0, 0.1, 20)
+    final = resolve(PROFILE, "vpt-deep", "final", {"dataset": "a"}, read_selection(tmp_path / "sel.json"))
+    assert final.num_prompts == 20
+    plain = select([cfgs[0].out], "val200")  # no axis: the selection says nothing of the length
+    assert "num_prompts" not in plain

@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))  # provpt.config from this checkout
 # Jobs call the `provpt` of the Python that runs snakemake (a .venv need not be activated);
 # with --use-conda the job's environment comes first.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-from provpt.config import STUDIES, ConfigError, deep_merge, load_profile, parse_value, resolve, search_grid
+from provpt.config import (STUDIES, ConfigError, deep_merge, load_profile, parse_value, resolve, search_grid,
+                           search_prompts)
 from provpt.protocol import search_configs
 from provpt.studies import parse_overrides, study_jobs
 
@@ -195,7 +196,9 @@ WDS = _resolved("search grid", search_grid, P, METHODS[0])[1]  # one list for al
 
 
 def search_runs(dataset, method):
-    return [f"{RUNS}/search/{dataset}/{method}/lr{lr}_wd{wd}/metrics.json" for lr in lrs(method) for wd in WDS]
+    lengths = _resolved(f"search.num_prompts of {method}", search_prompts, P, method)
+    return [f"{RUNS}/search/{dataset}/{method}/lr{lr}_wd{wd}{'' if t is None else f'_T{t}'}/metrics.json"
+            for lr in lrs(method) for wd in WDS for t in lengths]
 
 
 def search_targets():
