@@ -81,16 +81,19 @@ def work(prof: dict, last_only: bool = False) -> dict:
     """stage -> method -> (runs, training images, evaluation images, epochs), summed over datasets.
     ``last_only``: as if every run evaluated once, at its last epoch (all the protocol reads:
     last-epoch val / test accuracy)."""
+    from provpt.config import resolve
+
     per_dataset = {"search": lambda m: grid_size(prof["search"], m), "final": lambda m: len(prof["seeds"])}
     datasets, out = prof["datasets"], {}
     for stage, runs_of in per_dataset.items():
-        over = {**prof["train"], **(prof[stage].get("overrides") or {})}
-        epochs = int(over["epochs"])
-        evals = 1 if last_only else evaluations(epochs, int(over.get("eval_every", 1)))
         n_tr = sum(split_size(prof, d, prof[stage]["train_split"]) for d in datasets)
         n_ev = sum(split_size(prof, d, prof[stage]["eval_split"]) for d in datasets)
-        out[stage] = {m: (runs_of(m) * len(datasets), runs_of(m) * epochs * n_tr, runs_of(m) * evals * n_ev,
-                          runs_of(m) * len(datasets) * epochs) for m in prof["methods"]}
+        out[stage] = {}
+        for m in prof["methods"]:
+            cfg = resolve(prof, m, stage)  # epochs and evaluation schedule as the runs resolve them
+            evals = 1 if last_only else evaluations(cfg.epochs, cfg.eval_every)
+            out[stage][m] = (runs_of(m) * len(datasets), runs_of(m) * cfg.epochs * n_tr, runs_of(m) * evals * n_ev,
+                             runs_of(m) * len(datasets) * cfg.epochs)
     return out
 
 
@@ -194,6 +197,15 @@ def main(argv=None):
     reloc_s = reloc_s or 0.0
     here = None if args.no_measure else measured_rates(device, args.prompts, batch, args.rate_steps, flops["vpt-deep"])
     gpu = json.loads(args.measured.read_text()) if args.measured else None
+    gpu = gpu.get("measured", gpu) if gpu else None  # gpu_epoch.py's output holds it under "measured"
+    packed = 1.0  # training time of a packed run / alone (gpu_epoch.py's largest VPT-Deep pack)
+    if gpu and gpu.get("packed"):
+        k, rate = max(((int(n.split("K=")[1]), r) for n, r in gpu["packed"].items() if n.startswith("vpt-deep")),
+                      default=(1, None))
+        if rate:
+            packed = (gpu["train_epoch_images"] / gpu["train_epoch_s"]["vpt-deep"]) / rate
+            print(f"measured: packs of {k} train at {1 / packed:.2f}x the images/s of one run; search and final "
+                  "runs are projected packed")
     columns = {f"h200_h@{mfu:g}": (1 / (H200_BF16_FLOPS * mfu),) * 2 for mfu in args.mfu}
     if here:
         columns = {"here_h": (1 / here[0], 1 / here[1]), **columns}
@@ -207,7 +219,7 @@ def main(argv=None):
         epoch, total = gpu["train_epoch_s"], 0.0
         for m, v in per_method.items():
             per = epoch[m] if m in epoch else epoch["vpt-deep"] * flops[m][0] / flops["vpt-deep"][0]
-            total += v[1] * per / gpu["train_epoch_images"] + v[2] / gpu["eval_images_per_s"]
+            total += v[1] * per * packed / gpu["train_epoch_images"] + v[2] / gpu["eval_images_per_s"]
         return total
 
     rows = []
