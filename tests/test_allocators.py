@@ -158,10 +158,15 @@ def test_pair_action_space_masks_empty_sources(kind):
 
 
 def test_make_allocator_kinds():
-    kinds = {"ppo": PPOAllocator, "thompson": ThompsonAllocator, "random": RandomAllocator, "greedy": GreedyAllocator}
+    from provpt.relocation.allocators import OracleAllocator
+
+    kinds = {"ppo": PPOAllocator, "thompson": ThompsonAllocator, "random": RandomAllocator, "greedy": GreedyAllocator,
+             "oracle": OracleAllocator}
     for name, cls in kinds.items():
         alloc = make_allocator(RelocationConfig(allocator=name), 12, seed=0)
         assert type(alloc) is cls and alloc.num_actions == 12
     assert make_allocator(RelocationConfig(ppo_update_every=3), 12).update_every == 3
     with pytest.raises(ValueError, match="allocator"):
-        make_allocator(RelocationConfig(allocator="oracle"), 12)
+        make_allocator(RelocationConfig(allocator="oracle-of-delphi"), 12)
+    with pytest.raises(ValueError, match="lookahead"):  # the oracle needs the training loop's trials
+        make_allocator(RelocationConfig(allocator="oracle"), 12).act([0.0] * 12, [1] * 12, 0, 12)

@@ -156,7 +156,7 @@ def test_kill_9_of_a_packed_search_and_rerun_gives_the_uninterrupted_metrics(toy
                    "weight_decay": [0.0001, 0], "lr_base_batch": None, "overrides": {}},
         "pack": {"search": 4},
         "train": {"data_root": str(toy_root), "backbone": "vit_tiny_patch16_224", "backbone_kwargs": KW,
-                  "num_prompts": 2, "epochs": 30, "batch_size": 16, "progress": False, "threads": 1,
+                  "num_prompts": 2, "epochs": 12, "batch_size": 16, "progress": False, "threads": 1,
                   "eval_splits": ["val200"]},
     }
     prof = tmp_path / "profile.yaml"
