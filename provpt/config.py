@@ -180,6 +180,7 @@ class RunConfig:
     threads: int = 0  # 0: leave torch's default
     precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp64 (exactness checks)
     compile: bool = False
+    feature_cache: bool = True  # linear probes: the frozen backbone's features computed once per split (provpt.train)
     eval_every: int = 1
     checkpoint_every: int = 1  # epochs between resumable checkpoints (the last epoch always)
     save_at: list = field(default_factory=list)  # fractions of training at which to keep a checkpoint copy

@@ -157,6 +157,67 @@ def check_pack(cfgs: list[RunConfig]) -> None:
                                  f"{d[key]!r} in {c.out}); runs of one pack may differ only in {sorted(PACK_FREE)}")
 
 
+# ----------------------------------------------------------------------------- linear probes on cached features
+
+
+class HeadOnly(torch.nn.Module):
+    """A run's classifier on pre-logit features (:func:`feature_cache`): what the run's forward is
+    when the backbone's output is cached."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(feats)
+
+
+class FeatureData(TaskData):
+    """A :class:`TaskData` whose splits hold each image's pre-logit features instead of the image."""
+
+    def __init__(self, data: TaskData, splits: dict):
+        self.__dict__.update(data.__dict__)
+        self.splits, self.crop = splits, None
+        self.mean = torch.zeros((), device=data.mean.device, dtype=data.dtype)
+        self.std = torch.ones((), device=data.mean.device, dtype=data.dtype)
+
+
+def _stochastic(module: torch.nn.Module) -> list[str]:
+    """Names of the modules that draw random numbers in training mode (dropout, drop-path, patch dropout)."""
+    return [n for n, mod in module.named_modules()
+            if any(float(getattr(mod, a, 0) or 0) > 0 for a in ("p", "drop_prob", "prob"))
+            and type(mod).__name__ in ("Dropout", "DropPath", "PatchDropout")]
+
+
+def feature_cache(members: list[Member], data: TaskData, autocast, splits) -> TaskData | None:
+    """Linear probes train only a head on a frozen backbone: when every run of the pack is one, the
+    images are not augmented and the backbone is deterministic in training mode, each image's pre-logit
+    features are computed once (``splits``, batches of 256, no gradient) and the epochs train the heads
+    on them; each member's forward becomes its head (:class:`HeadOnly`). The same computation as
+    running the backbone every step, up to the order of float reductions (tested in float64). None
+    (nothing changed) where it does not apply or ``feature_cache`` is off."""
+    cfg = members[0].cfg
+    if not all(m.cfg.method == "linear" and m.cfg.feature_cache for m in members) or data.crop:
+        return None
+    vit = members[0].model.vit
+    if _stochastic(vit):
+        log.info("feature cache off: the backbone is stochastic in training (%s)", ", ".join(_stochastic(vit)[:3]))
+        return None
+    model = members[0].model
+    was = model.training
+    model.eval()
+    feats = {}
+    with torch.no_grad(), autocast:
+        for split in dict.fromkeys([cfg.train_split, *splits]):
+            _, labels = data.splits[split]
+            parts = [model.features(x) for x, _ in data.batches(split, 256)]
+            feats[split] = (torch.cat(parts).to(data.dtype), labels)
+    model.train(was)
+    for m in members:
+        m.forward = HeadOnly(m.model)
+    return FeatureData(data, feats)
+
+
 # ----------------------------------------------------------------------------- phases
 
 
@@ -191,7 +252,7 @@ def train_members(members: list[Member], data: TaskData, epoch: int, autocast, c
                 if len(members) == 1:
                     logits = [members[0].forward(x)]
                 else:
-                    logits = packed_forward([m.model for m in members], x, [len(y) for _, y in parts])
+                    logits = packed_forward([m.forward for m in members], x, [len(y) for _, y in parts])
             losses = [F.cross_entropy(_wide(z), y) for z, (_, y) in zip(logits, parts)]
             clock.mark("forward")
             for m in members:
@@ -412,6 +473,8 @@ def run_pack(cfgs: list[RunConfig], on_epoch_end=None) -> list[dict]:
             save_torch(_checkpoint(m, 0), out / "checkpoints" / "epoch000.pt")
         members.append(m)
 
+    cached = feature_cache(members, data, autocast, first.eval_splits)
+    data = cached or data
     begin = min(m.start for m in members)
     name = f"{first.dataset}/{first.method}" + (f" x{len(members)}" if len(members) > 1 else "")
     bar = tqdm(range(begin, first.epochs), initial=begin, total=first.epochs, disable=not first.progress,

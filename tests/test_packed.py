@@ -109,6 +109,50 @@ def test_a_packed_run_equals_the_same_run_alone(toy_root, tmp_path, method):
         assert any(len(set(d)) > 1 for d in per_epoch), "the runs never differed in distribution (no padding tested)"
 
 
+@pytest.mark.parametrize("pack", [1, 2])
+def test_linear_probes_on_cached_features_equal_probes_through_the_backbone(toy_root, tmp_path, pack, monkeypatch):
+    """feature_cache (the default): the backbone runs once per image, not once per step, and the runs
+    compute what they compute with it off (float64), alone and packed."""
+    import provpt.model.prompted_vit as pv
+
+    kws = PACKS["linear"][:pack]
+    calls = {"n": 0}
+    features = pv.prompt_features
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return features(*a, **k)
+
+    monkeypatch.setattr(pv, "prompt_features", counted)
+    on = run_pack([cfg_for(toy_root, tmp_path / f"on{i}", method="linear", **kw) for i, kw in enumerate(kws)])
+    cached_calls, calls["n"] = calls["n"], 0
+    off = run_pack([cfg_for(toy_root, tmp_path / f"off{i}", method="linear", feature_cache=False, **kw)
+                    for i, kw in enumerate(kws)])
+    assert cached_calls < calls["n"] / 4, (cached_calls, calls["n"])  # batches of 256 per split, once
+    for i, (a, b) in enumerate(zip(on, off)):
+        for s in a["eval"]:
+            assert a["eval"][s]["acc"] == b["eval"][s]["acc"]
+            assert a["eval"][s]["loss"] == pytest.approx(b["eval"][s]["loss"], rel=1e-10, abs=1e-12)
+        for ha, hb in zip(history(tmp_path / f"on{i}"), history(tmp_path / f"off{i}"), strict=True):
+            assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-10, abs=1e-12)
+
+
+def test_the_feature_cache_stays_off_where_it_would_change_the_run(toy_root, tmp_path):
+    """Augmented images (FGVC's random crop) or a stochastic backbone layer: every step runs the backbone."""
+    from provpt.data.task import TaskData
+    from provpt.train import Member, build_run, feature_cache
+
+    cfg = cfg_for(toy_root, tmp_path / "x", method="linear")
+    data = TaskData(cfg, torch.device("cpu"))
+    model, opt, _ = build_run(cfg, data.num_classes, torch.device("cpu"))
+    assert feature_cache([Member(cfg, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is not None
+    model.vit.blocks[1].drop_path = timm.layers.DropPath(0.1)
+    assert feature_cache([Member(cfg, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is None
+    deep = cfg_for(toy_root, tmp_path / "y", method="vpt-deep")
+    model, opt, _ = build_run(deep, data.num_classes, torch.device("cpu"))
+    assert feature_cache([Member(deep, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is None
+
+
 def test_runs_that_cannot_pack_are_refused_naming_the_key(toy_root, tmp_path):
     with pytest.raises(ValueError, match=r"pack: epochs differs"):
         check_pack([cfg_for(toy_root, tmp_path / "a"), cfg_for(toy_root, tmp_path / "b", epochs=3)])

@@ -75,6 +75,8 @@ def packed_forward(models, x: torch.Tensor, sizes) -> list[torch.Tensor]:
     """Logits of several runs in one forward: ``x`` holds ``sizes[j]`` samples of run j after another."""
     if len(models) == 1:
         return [models[0](x)]
+    if not hasattr(models[0], "prompts"):  # heads on cached features (provpt.train.HeadOnly)
+        return [m(f) for m, f in zip(models, x.split(list(sizes)))]
     feats = prompt_features(models, sizes, x)
     return [m.classify(f) for m, f in zip(models, feats.split(list(sizes)))]
 
