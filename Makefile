@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PROFILE ?= mini
+PROFILE ?= quick
 CORES ?= 2
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 

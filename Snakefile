@@ -1,6 +1,7 @@
 # provpt workflow: PRO-VPT (visual prompt tuning with prompt relocation) on timm ViTs.
 #
-#   snakemake --cores 2                                   # the embedded `mini` profile
+#   snakemake --cores 2                                   # the embedded default `quick` (make run)
+#   snakemake --cores 2 --config profile=mini             # the full embedded benchmark
 #   snakemake --cores 8 --config profile=vtab1k source=/data/vtab-1k weights=/models/ViT-B_16.npz
 #   snakemake --profile profiles/slurm --config profile=vtab1k ...
 #

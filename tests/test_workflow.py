@@ -44,6 +44,7 @@ FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 #   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 5 x 3.
 #   mini:   7 tasks, 5 methods, 3 seeds, 4 studies on one task + allocators' 6 variants (one seed),
 #           pretraining.
+#   quick:  mini's first task of each group (3), 1 seed, the same 4 studies, no allocator ablation.
 #   smoke:  2 tasks, the same grid, 1 seed.
 VARIANTS = 5  # base.yaml's studies.allocators.variants (ppo, vpt-deep, exact come from the grid)
 MINI_VARIANTS = 6  # mini adds the oracle
@@ -56,6 +57,8 @@ EXPECTED = {
              "study": 5 + 1 + 1, "study_variant": 5 * VARIANTS * 3, "report": 1, "all": 1},
     "mini": {"prepare": 7, "pretrain": 1, "search_grid": 7 * M, "select": 7 * M, "final_seeds": 7 * M,
              "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
+    "quick": {"prepare": 3, "pretrain": 1, "search_grid": 3 * M, "select": 3 * M, "final_seeds": 3 * M,
+              "study": 4, "report": 1, "all": 1},
     "smoke": {"prepare": 2, "pretrain": 1, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
               "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1, "all": 1},
 }
@@ -150,10 +153,12 @@ def test_root_snakefile_is_the_entry_and_finds_the_default_profile(repo, tmp_pat
     assert f"workflow specific profile {repo / 'profiles/default'} for" in proc.stdout + proc.stderr, proc.stderr[:1000]
 
 
-@pytest.mark.parametrize("profile", ["vtab1k", "fgvc", "mini", "smoke"])
+@pytest.mark.parametrize("profile", ["vtab1k", "fgvc", "mini", "quick", "smoke", None])
 def test_dry_run_job_counts(repo, roots, profile):
+    """Each profile's DAG; without `profile=` the workflow runs make run's default, quick."""
     t0 = time.perf_counter()
-    proc = snakemake(repo, "-n", "--config", *paths_config(profile, roots))
+    proc = snakemake(repo, "-n", *(["--config", *paths_config(profile, roots)] if profile else []))
+    profile = profile or "quick"
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts == EXPECTED[profile]
     print(f"{profile}: {sum(counts.values())} jobs, dry run with job listing {time.perf_counter() - t0:.2f} s")
@@ -217,7 +222,7 @@ def test_profiles_valid_and_run_config_loads(repo):
     """Every profile merges, and resolves to a valid run configuration for every method and stage."""
     from provpt.config import STAGES, resolve
 
-    for name in ("mini", "smoke", "vtab1k", "fgvc"):
+    for name in ("mini", "mini-b1", "quick", "smoke", "vtab1k", "fgvc"):
         path = repo / "params" / f"{name}.yaml"
         for method in yaml.safe_load(path.read_text()).get("methods") or ["linear"]:
             for stage in (None, *STAGES):

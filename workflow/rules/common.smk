@@ -87,7 +87,7 @@ def conda_env(wildcards):
 
 # ----------------------------------------------------------------------------- the profile
 
-PROFILE = str(config.get("profile", "mini"))
+PROFILE = str(config.get("profile", "quick"))  # make run's default (Makefile PROFILE)
 # Short --config names for the paths a user points somewhere else. Any top-level profile key
 # also works, merged into the profile: `--config train='{epochs: 5}'`, or a YAML file of
 # overrides with `--configfile my.yaml`.
