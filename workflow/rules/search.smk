@@ -5,11 +5,15 @@
 # lists the grid in search.json. Then the selection on that split only, never on test.
 
 
+# Priorities (local runs; a cluster takes every ready job anyway): the studies, the longest jobs,
+# start as soon as their selection exists, which the search's priority over the final runs brings
+# forward; the short final jobs then fill both cores to the end instead of one study running alone.
 rule search_grid:
     input:
         RUN_INPUTS,
     output:
         f"{RUNS}/search/{{dataset}}/{{method}}/search.json",
+    priority: 1
     params:
         cfg=job_digest("search"),
         dir=lambda w, output: Path(output[0]).parent,

@@ -8,6 +8,7 @@ rule study:
         unpack(study_inputs),
     output:
         f"{RES}/studies/{{study}}/{{dataset}}/summary.json",
+    priority: 2  # the longest jobs first (workflow/rules/search.smk)
     params:
         cfg=job_digest("study"),
         extra=study_args,
