@@ -6,8 +6,9 @@
 
 
 # Priorities (local runs; a cluster takes every ready job anyway): the studies, the longest jobs,
-# start as soon as their selection exists, which the search's priority over the final runs brings
-# forward; the short final jobs then fill both cores to the end instead of one study running alone.
+# start as soon as their selection exists, which the search's priority over the final runs and the
+# selection's over everything (it takes a second and unlocks the rest) bring forward; the short final
+# jobs then fill both cores to the end instead of one study running alone.
 rule search_grid:
     input:
         RUN_INPUTS,
@@ -36,6 +37,7 @@ rule select:
         f"{RUNS}/search/{{dataset}}/{{method}}/search.json",
     output:
         f"{RES}/selection/{{dataset}}/{{method}}.json",
+    priority: 3
     params:
         cfg=job_digest("select"),
         runs=lambda w: " ".join(str(Path(f).parent) for f in search_runs(w.dataset, w.method)),
