@@ -447,7 +447,9 @@ def dvc_smoke(smoke) -> Path:
     """The smoke copy as a git repository with the smoke profile run through `dvc repro` (its stage
     runs Snakemake, which finds the runs done and rebuilds the report) and the outputs cached."""
     params = smoke / "params/repro.yaml"
-    params.write_text(params.read_text().replace("profile: mini", "profile: smoke"))
+    text, n = re.subn(r"(?m)^profile: .*$", "profile: smoke", params.read_text())
+    assert n == 1, f"{params}: no `profile:` line"
+    params.write_text(text)
     git_repo(smoke)
     t0 = time.perf_counter()
     first = run([str(BIN / "dvc"), "repro"], smoke)
