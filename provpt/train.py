@@ -34,7 +34,7 @@ from .data.task import TaskData
 from .io import file_sha256, json_sha256, save_safetensors, save_torch, write_text
 from .model.backbone import create_backbone
 from .model.methods import build_model, count_parameters, trainable_parameters
-from .model.prompted_vit import packed_forward
+from .model.prompted_vit import HeadOnly, packed_forward
 from .runtime import autocast_for, dtype_for, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
@@ -160,26 +160,16 @@ def check_pack(cfgs: list[RunConfig]) -> None:
 # ----------------------------------------------------------------------------- linear probes on cached features
 
 
-class HeadOnly(torch.nn.Module):
-    """A run's classifier on pre-logit features (:func:`feature_cache`): what the run's forward is
-    when the backbone's output is cached."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.model.classify(feats)
-
-
 class FeatureData(TaskData):
     """A :class:`TaskData` whose splits hold each image's pre-logit features instead of the image."""
 
     def __init__(self, data: TaskData, splits: dict):
         self.__dict__.update(data.__dict__)
         self.splits, self.crop = splits, None
-        self.mean = torch.zeros((), device=data.mean.device, dtype=data.dtype)
-        self.std = torch.ones((), device=data.mean.device, dtype=data.dtype)
+
+    def batch(self, split: str, idx: torch.Tensor, train: bool, gen: torch.Generator | None = None):
+        feats, labels = self.splits[split]  # already normalised and never augmented
+        return feats[idx], labels[idx]
 
 
 def _stochastic(module: torch.nn.Module) -> list[str]:
@@ -196,14 +186,13 @@ def feature_cache(members: list[Member], data: TaskData, autocast, splits) -> Ta
     on them; each member's forward becomes its head (:class:`HeadOnly`). The same computation as
     running the backbone every step, up to the order of float reductions (tested in float64). None
     (nothing changed) where it does not apply or ``feature_cache`` is off."""
-    cfg = members[0].cfg
+    cfg, model = members[0].cfg, members[0].model
     if not all(m.cfg.method == "linear" and m.cfg.feature_cache for m in members) or data.crop:
         return None
-    vit = members[0].model.vit
-    if _stochastic(vit):
-        log.info("feature cache off: the backbone is stochastic in training (%s)", ", ".join(_stochastic(vit)[:3]))
+    stochastic = _stochastic(model.vit)
+    if stochastic:
+        log.info("feature cache off: the backbone is stochastic in training (%s)", ", ".join(stochastic[:3]))
         return None
-    model = members[0].model
     was = model.training
     model.eval()
     feats = {}

@@ -148,6 +148,10 @@ def test_the_feature_cache_stays_off_where_it_would_change_the_run(toy_root, tmp
     assert feature_cache([Member(cfg, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is not None
     model.vit.blocks[1].drop_path = timm.layers.DropPath(0.1)
     assert feature_cache([Member(cfg, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is None
+    fgvc = cfg_for(toy_root, tmp_path / "z", method="linear", augment="fgvc")
+    model, opt, _ = build_run(fgvc, data.num_classes, torch.device("cpu"))
+    cropped = TaskData(fgvc, torch.device("cpu"))
+    assert cropped.crop and feature_cache([Member(fgvc, model, opt)], cropped, torch.autocast("cpu", enabled=False), ["test"]) is None
     deep = cfg_for(toy_root, tmp_path / "y", method="vpt-deep")
     model, opt, _ = build_run(deep, data.num_classes, torch.device("cpu"))
     assert feature_cache([Member(deep, model, opt)], data, torch.autocast("cpu", enabled=False), ["test"]) is None

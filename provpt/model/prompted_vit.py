@@ -75,10 +75,22 @@ def packed_forward(models, x: torch.Tensor, sizes) -> list[torch.Tensor]:
     """Logits of several runs in one forward: ``x`` holds ``sizes[j]`` samples of run j after another."""
     if len(models) == 1:
         return [models[0](x)]
-    if not hasattr(models[0], "prompts"):  # heads on cached features (provpt.train.HeadOnly)
+    if isinstance(models[0], HeadOnly):  # x holds pre-logit features already
         return [m(f) for m, f in zip(models, x.split(list(sizes)))]
     feats = prompt_features(models, sizes, x)
     return [m.classify(f) for m, f in zip(models, feats.split(list(sizes)))]
+
+
+class HeadOnly(nn.Module):
+    """A run's classifier on pre-logit features: the run's forward when its backbone output is cached
+    (``provpt.train.feature_cache``, linear probes)."""
+
+    def __init__(self, model: "PromptedViT"):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(feats)
 
 
 def uniform_distribution(num_blocks: int, per_block: int) -> list[int]:
