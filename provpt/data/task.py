@@ -13,8 +13,40 @@ import torch
 
 from ..config import RunConfig
 from .cache import NORMALISATION, load_split, read_manifest
+from .mini import MINI_TASKS
 
-__all__ = ["TaskData"]
+__all__ = ["TaskData", "data_variant", "random_crop_flip"]
+
+
+def data_variant(manifest: dict) -> str:
+    """Which data a prepared task is, for the results rows: ``noah`` (VTAB-1k read from the NOAH
+    layout), ``vpt-json`` (FGVC from VPT's json splits), ``mini`` (generated here), ``synthetic``
+    (tensors handed in)."""
+    if manifest.get("synthetic"):
+        return "synthetic"
+    if manifest.get("kind") == "fgvc":
+        return "vpt-json"
+    return "mini" if manifest.get("task") in MINI_TASKS else "noah"
+
+
+def random_crop_flip(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per image of ``x`` (n, C, H, W): a ``size`` x ``size`` crop at a random offset (top in
+    0..H-size, left in 0..W-size, both inclusive, as torchvision's ``RandomCrop(size)``), flipped
+    horizontally with probability 1/2 (``RandomHorizontalFlip``). One ``gather`` of each image's
+    pixel indices on the device of ``x``, no loop over images. The numbers are drawn on the CPU from
+    ``gen`` (tops, lefts, then flips) and moved to that device, so a seed gives the same crops on
+    every device."""
+    n, c, h, w = x.shape
+    if size > min(h, w):
+        raise ValueError(f"random_crop_flip: crop {size} is larger than the images ({h} x {w})")
+    top = torch.randint(0, h - size + 1, (n,), generator=gen)
+    left = torch.randint(0, w - size + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    step = torch.arange(size)
+    rows = top[:, None] + step
+    cols = torch.where(flip[:, None], left[:, None] + size - 1 - step, left[:, None] + step)
+    pixel = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, size * size).to(x.device)
+    return x.flatten(2).gather(2, pixel.expand(n, c, size * size)).view(n, c, size, size)
 
 
 class TaskData:
@@ -35,6 +67,7 @@ class TaskData:
         else:
             self.manifest, self.num_classes = {"synthetic": True}, int(num_classes)
             self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+        self.variant = data_variant(self.manifest)
         mean, std = NORMALISATION[cfg.norm]
         self.dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
         self.mean = torch.tensor(mean, device=device, dtype=self.dtype).view(1, 3, 1, 1) * 255
@@ -43,18 +76,18 @@ class TaskData:
         self.crop = int(cfg.backbone_kwargs.get("img_size", 224)) if cfg.augment == "fgvc" else None
 
     def batch(self, split: str, idx: torch.Tensor, train: bool, gen: torch.Generator | None = None):
+        """Images ``idx`` of ``split``, normalised, and their labels. FGVC (``augment: fgvc``): in
+        training each image its own random crop and horizontal flip (:func:`random_crop_flip`, drawn
+        from ``gen``), else the centre crop."""
         images, labels = self.splits[split]
-        x = images[idx].to(self.dtype)
-        if self.crop and x.shape[-1] > self.crop:  # FGVC: random crop + flip in training, centre crop else
-            room = x.shape[-1] - self.crop
+        x = images[idx]
+        if self.crop and x.shape[-1] > self.crop:
             if train:
-                i, j = (int(v) for v in torch.randint(0, room + 1, (2,), generator=gen))
-                x = x[..., i:i + self.crop, j:j + self.crop]
-                if torch.rand((), generator=gen) < 0.5:
-                    x = x.flip(-1)
+                x = random_crop_flip(x, self.crop, gen)
             else:
-                x = x[..., room // 2:room // 2 + self.crop, room // 2:room // 2 + self.crop]
-        return x.sub_(self.mean).div_(self.std), labels[idx]
+                top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
+                x = x[..., top:top + self.crop, left:left + self.crop]
+        return x.to(self.dtype).sub_(self.mean).div_(self.std), labels[idx]
 
     def batches(self, split: str, batch_size: int, order: torch.Tensor | None = None, train=False, gen=None):
         n = len(self.splits[split][1])

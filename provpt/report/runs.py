@@ -92,10 +92,12 @@ def collect_runs(root: Path, stage: str = "final", split: str = "test") -> pd.Da
             "lr": m.get("lr"), "weight_decay": m.get("weight_decay"), "epochs": m.get("epochs"),
             "trainable_params": m.get("trainable_params"), "total_params": m.get("total_params"),
             "wall_time_s": m.get("wall_time_s"), "distribution": m.get("distribution"),
+            "data_variant": m.get("data_variant"), "norm": m.get("norm"), "train_split": m.get("train_split"),
             "path": d,
         })
     cols = ["dataset", "method", "run", "seed", "acc", "loss", "lr", "weight_decay", "epochs",
-            "trainable_params", "total_params", "wall_time_s", "distribution", "path"]
+            "trainable_params", "total_params", "wall_time_s", "distribution", "data_variant", "norm",
+            "train_split", "path"]
     df = pd.DataFrame(rows, columns=cols)
     num = ["acc", "loss", "lr", "weight_decay", "epochs", "trainable_params", "total_params", "wall_time_s"]
     df[num] = df[num].apply(pd.to_numeric, errors="coerce")

@@ -81,15 +81,48 @@ def mean_labels(groups: dict) -> dict[str, str]:
 # ----------------------------------------------------------------------------- statistics
 
 
+DATA_COLUMNS = ["data_variant", "norm", "train_split"]  # what data a run trained on (metrics.json)
+
+
+def _joined(values) -> str:
+    """The distinct recorded values, in order, joined with '+' ('' where none was recorded)."""
+    return "+".join(dict.fromkeys(str(v) for v in values if isinstance(v, str) and v))
+
+
 def task_stats(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method): n, mean, std (ddof 1) over seeds, per-seed values, parameter counts."""
+    """Per (dataset, method): n, mean, std (ddof 1) over seeds, per-seed values, parameter counts,
+    and the data its runs recorded (:data:`DATA_COLUMNS`; values that differ between seeds joined
+    with '+')."""
     g = runs.groupby(["dataset", "method"], sort=False)
     out = g.agg(n=("acc", "size"), mean=("acc", "mean"), std=("acc", "std"),
                 trainable_params=("trainable_params", "mean"), total_params=("total_params", "mean"),
                 wall_time_s=("wall_time_s", "mean")).reset_index()
+    data = runs.reindex(columns=["dataset", "method", *DATA_COLUMNS]).groupby(
+        ["dataset", "method"], sort=False)[DATA_COLUMNS].agg(_joined).reset_index()
     seeds = runs.pivot_table(index=["dataset", "method"], columns="seed", values="acc", aggfunc="first")
     seeds.columns = [f"seed{s}" for s in seeds.columns]
-    return out.merge(seeds.reset_index(), on=["dataset", "method"])
+    return out.merge(data, on=["dataset", "method"]).merge(seeds.reset_index(), on=["dataset", "method"])
+
+
+def data_columns(stats: pd.DataFrame) -> pd.DataFrame:
+    """dataset, method and :data:`DATA_COLUMNS` of ``stats``, '' where a value was not recorded."""
+    df = stats.reindex(columns=["dataset", "method", *DATA_COLUMNS])
+    df[DATA_COLUMNS] = df[DATA_COLUMNS].astype(object).map(lambda v: v if isinstance(v, str) else "")
+    return df
+
+
+def data_label(variant: str, norm: str) -> str:
+    """``noah, vtab norm``: a run's data variant and normalisation as the tables print them."""
+    return ", ".join(x for x in (variant, f"{norm} norm" if norm else "") if x)
+
+
+def data_note(stats: pd.DataFrame) -> str:
+    """Which data the runs trained on (one clause per distinct variant, normalisation, split)."""
+    combos = data_columns(stats)[DATA_COLUMNS].drop_duplicates()
+    parts = [", ".join(x for x in (data_label(v, n) or "not recorded", s and f"trained on {s}") if x)
+             for v, n, s in combos.itertuples(index=False)]
+    return ("data: " + "; ".join(parts) + " (noah: VTAB-1k from the NOAH files; vpt-json: FGVC from VPT's "
+            "json splits; mini: generated here)")
 
 
 def benchmark_means(stats: pd.DataFrame, groups: dict) -> pd.DataFrame:
@@ -162,7 +195,8 @@ def match_benchmark(groups: dict, published: dict) -> str | None:
     return None
 
 
-PUBLISHED_COLUMNS = ["benchmark", "method", "metric", "published", "ours", "delta", "source"]
+PUBLISHED_COLUMNS = ["benchmark", "method", "metric", "published", "ours", "delta", "source",
+                     "published_data", "ours_data"]
 
 
 def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series, groups: dict,
@@ -173,9 +207,14 @@ def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series,
     """
     published = published or load_published()
     name = match_benchmark(groups, published)
+    st = data_columns(stats)
+    st["label"] = [data_label(v, n) for v, n in zip(st["data_variant"], st["norm"])]
+    task_data = st.set_index(["dataset", "method"])["label"]
+    method_data = st.groupby("method")["label"].agg(_joined)
     if name is None:  # ours only, so the table still says what there is to compare
         ours = means.rename_axis(index="method", columns="metric").stack().rename("ours").reset_index()
-        table = ours.assign(benchmark="none", published=np.nan, delta=np.nan, source="none published")
+        table = ours.assign(benchmark="none", published=np.nan, delta=np.nan, source="none published",
+                            ours_data=ours["method"].map(method_data).fillna(""))
         return table.reindex(columns=PUBLISHED_COLUMNS), [
             "no published numbers for this profile's tasks (they are not VTAB-1k or FGVC task names): ours only"]
     bench = published["benchmarks"][name]
@@ -183,16 +222,21 @@ def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series,
     acc = stats.pivot(index="method", columns="dataset", values="mean")
     rows = []
     for e in bench["entries"]:
+        source = published["sources"][e["source"]]
         for metric, value in e["values"].items():
-            ours = np.nan
+            ours, data = np.nan, ""
             if metric == "params_M":
                 ours = params.get(e["method"], np.nan) / 1e6
             elif metric in acc.columns:
                 ours = acc[metric].get(e["method"], np.nan)
+                data = task_data.get((metric, e["method"]), "") if not pd.isna(ours) else ""
             elif same_groups and metric in means.columns:
                 ours = means[metric].get(e["method"], np.nan)
+                data = method_data.get(e["method"], "") if not pd.isna(ours) else ""
             rows.append({"benchmark": name, "method": e["method"], "metric": metric, "published": value,
-                         "ours": ours, "delta": ours - value, "source": published["sources"][e["source"]]["cite"]})
+                         "ours": ours, "delta": ours - value, "source": source["cite"],
+                         "published_data": "" if metric == "params_M" else (source.get("data") or {}).get(name, ""),
+                         "ours_data": data})
     g = bench["groups"]
     table = sort_rows(pd.DataFrame(rows, columns=PUBLISHED_COLUMNS), task_order(g) + list(g) +
                       [headline_key(g), "params_M"] + method_order({r["method"] for r in rows}), ("metric", "method"))
@@ -200,6 +244,8 @@ def published_table(stats: pd.DataFrame, means: pd.DataFrame, params: pd.Series,
              "accuracy; params_M is our mean trainable count over tasks (heads included)."]
     notes += [f"{s['cite']}: {s['detail']}" for s in published["sources"].values()
               if s["cite"] in set(table["source"])]
+    if published.get("data_note"):
+        notes.append(published["data_note"])
     if not same_groups:
         notes.append("group and headline means are not compared: the profile's groups differ from "
                      f"the {name} benchmark's")
@@ -388,7 +434,7 @@ def write_tables(runs: pd.DataFrame, selections: pd.DataFrame, groups: dict, tab
         written["accuracy"] = write_table(
             wide, tables_dir, "accuracy",
             f"Top-1 {split} accuracy (%), mean ± std over seeds (up to {n_seeds}), last epoch",
-            [accuracy_note(groups)])
+            [accuracy_note(groups), data_note(long)])
         written["accuracy_long"] = write_table(long, tables_dir, "accuracy_long",
                                                "Per-task accuracy over seeds (long form)")
         params = runs.groupby("method")["trainable_params"].mean()
