@@ -32,6 +32,7 @@ from .errors import DataError, where_of
 NORMALISATION = {
     "vtab": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP, EVA-02
 }
 MANIFEST = "manifest.json"
 FORMAT = 1

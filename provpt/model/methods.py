@@ -27,10 +27,12 @@ class Adapter(nn.Module):
 
 
 def add_lora(vit: nn.Module, rank: int) -> None:
-    """LoRA on the attention projections through Hugging Face peft (injected in place)."""
+    """LoRA on the attention projections through Hugging Face peft (injected in place): the fused
+    ``qkv`` or, in Eva (EVA-02), the separate ``q_proj``/``k_proj``/``v_proj``, and ``proj``."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=r"blocks\.\d+\.attn\.(qkv|proj)")
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                     target_modules=r"blocks\.\d+\.attn\.(qkv|q_proj|k_proj|v_proj|proj)")
     inject_adapter_in_model(cfg, vit)
 
 
