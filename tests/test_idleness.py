@@ -157,3 +157,82 @@ def test_gate_score_lives_on_the_layernorm_epsilon():
     for blk in model.vit.blocks:
         blk.norm1.eps = 0.0
     assert taylor_pass(model, lambda: batches, F.cross_entropy).abs().max() < 1e-14 < base.abs().min()
+
+
+# ----------------------------------------------------------------------------- the pass of a pack
+
+
+def pack_of_runs(dtype=torch.float64):
+    """Four runs over one frozen backbone: other distributions (padded in the pack), one log-gated,
+    prompt dropout on, values at VPT's scale."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **KW).to(dtype)
+    vit.requires_grad_(False)
+    models = []
+    for seed, dist in enumerate([[2, 2, 2], [0, 5, 1], [3, 0, 3], [1, 1, 1]]):
+        torch.manual_seed(10 + seed)
+        models.append(PromptedViT(vit, 5, dist, prompt_dropout=0.1, seed=seed).to(dtype).train())
+    models[1].prompts.log_gated = True
+    return models
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 3])
+def test_a_packed_pass_equals_each_runs_pass_alone(chunk):
+    """``taylor_passes`` (one concatenated forward and backward per step, per-run gradients), with and
+    without the clip quirk, gate and log-gate idleness, each run its own batches: each run's scores and
+    losses equal its ``taylor_pass`` alone (float64, 1e-10), in chunks of runs too; the runs' dropout
+    streams advance as alone."""
+    from provpt.model.prompted_vit import chunked
+    from provpt.relocation.idleness import taylor_passes
+
+    models = pack_of_runs()
+    clips, how = [0.05, None, 0.25, None], ["gate", "logit", "gate", "gate"]
+    runs = [data(n=3, b=4, seed=20 + j, dtype=torch.float64) for j in range(4)]
+    start = [m.prompts.rng_state() for m in models]
+    alone = []
+    for m, b, clip, idleness, st in zip(models, runs, clips, how, start):
+        m.prompts.set_rng_state(st)
+        alone.append(taylor_pass(m, lambda b=b: b, F.cross_entropy, clip, True, idleness))
+    after = [m.prompts.rng_state() for m in models]
+    for m, st in zip(models, start):
+        m.prompts.set_rng_state(st)
+    packed = taylor_passes(models, lambda: zip(*runs), F.cross_entropy, clips, how,
+                           chunks=lambda work: chunked(models, chunk, work, grads=False))
+    for (a, la), (p, lp), m, st in zip(alone, packed, models, after):
+        torch.testing.assert_close(p, a, rtol=1e-10, atol=1e-14)
+        assert lp == pytest.approx(la, rel=1e-12)
+        assert torch.equal(m.prompts.rng_state(), st)
+        assert m.training and m.prompts.log_gates.grad is None and m.prompts.gates.grad is None
+    assert all(a.abs().min() > 0 for a, _ in alone)
+    assert not models[0].prompts.log_gates.requires_grad  # put back as it was
+
+
+def test_a_packed_pass_split_on_out_of_memory_equals_it_whole():
+    """A forward that runs out of memory on more than 2 runs at once (simulated after its dropout
+    masks are drawn): the chunk is put back, halved and redone, and the scores are those of the pass
+    in one piece."""
+    from provpt.model.prompted_vit import chunked, packed_forward
+    from provpt.relocation.idleness import taylor_passes
+
+    models = pack_of_runs()
+    runs = [data(n=2, b=4, seed=30 + j, dtype=torch.float64) for j in range(4)]
+    clips, how = [0.05, None, None, 0.25], ["gate", "logit", "gate", "gate"]
+    start = [m.prompts.rng_state() for m in models]
+    whole = taylor_passes(models, lambda: zip(*runs), F.cross_entropy, clips, how)
+    for m, st in zip(models, start):
+        m.prompts.set_rng_state(st)
+    calls, sizes = [], []
+
+    def small_memory(ms, x, n):
+        out = packed_forward(ms, x, n)
+        calls.append(len(ms))
+        if len(ms) > 2:
+            raise torch.OutOfMemoryError("simulated: more than 2 runs")
+        return out
+
+    split = taylor_passes(models, lambda: zip(*runs), F.cross_entropy, clips, how, forward=small_memory,
+                          chunks=lambda work: sizes.append(chunked(models, 0, work, grads=False)))
+    assert calls[:3] == [4, 2, 2] and sizes == [2, 2]
+    for (a, la), (b, lb) in zip(whole, split):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+        assert lb == pytest.approx(la, rel=1e-12)

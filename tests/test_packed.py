@@ -18,6 +18,7 @@ from provpt.model.prompted_vit import PromptedViT, packed_forward
 from provpt.train import check_pack, run, run_pack
 
 KW = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+TOY_TRAIN = 48  # images of the toy task's train800 (conftest.TOY_SIZES)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +80,9 @@ PACKS = {
     "vpt-deep": [dict(lr=0.5, weight_decay=1e-4, seed=1), dict(lr=2.0, weight_decay=0.0, seed=2),
                  dict(lr=1.0, weight_decay=1e-3, seed=3, num_prompts=3)],
     "pro-vpt": [dict(lr=2.0, weight_decay=1e-4, seed=1), dict(lr=1.0, weight_decay=0.0, seed=2),
-                dict(lr=2.0, weight_decay=1e-3, seed=3, relocation={"scoring": "pass", "allocator": "random"})],
+                dict(lr=2.0, weight_decay=1e-3, seed=3, relocation={"scoring": "pass", "allocator": "random"}),
+                dict(lr=1.0, weight_decay=1e-4, seed=4, num_prompts=3,
+                     relocation={"scoring": "pass", "pass_order": "shuffled", "clip_scores": True, "allocator": "random"})],
     "pro-vpt-exact": [dict(lr=2.0, seed=1, relocation={"idleness": "logit", "verify": 3, "reward": "move",
                                                         "ppo_update": "bandit", "count": 2}),
                       dict(lr=1.0, seed=2, relocation={"idleness": "logit", "count": 2})],
@@ -164,6 +167,165 @@ def test_runs_that_cannot_pack_are_refused_naming_the_key(toy_root, tmp_path):
         check_pack([cfg_for(toy_root, tmp_path / "a", method="lora"), cfg_for(toy_root, tmp_path / "b", method="lora")])
     with pytest.raises(ValueError, match=r"vpt-shallow"):
         check_pack([cfg_for(toy_root, tmp_path / "a"), cfg_for(toy_root, tmp_path / "b", method="vpt-shallow")])
+    with pytest.raises(ValueError, match=r"pack: pack_chunk differs"):  # one chunk size per pack
+        check_pack([cfg_for(toy_root, tmp_path / "a", pack_chunk=2), cfg_for(toy_root, tmp_path / "b")])
+    with pytest.raises(ValueError, match=r"pack_chunk=-1: expected an integer >= 0"):
+        cfg_for(toy_root, tmp_path / "a", pack_chunk=-1)
+    with pytest.raises(ValueError, match=r"relocation.pass_order='random': expected one of \['fixed', 'shuffled'\]"):
+        cfg_for(toy_root, tmp_path / "a", relocation={"pass_order": "random"})
+
+
+# ----------------------------------------------------------------------------- memory: a pack in chunks of runs
+
+
+def trainable(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "trainable.safetensors"))
+
+
+def test_a_pack_trained_in_chunks_of_runs_equals_it_in_one_piece(toy_root, tmp_path):
+    """pack_chunk=1 and 3 (one forward and backward per chunk of runs, each run's optimiser step after
+    all of them; the scoring passes chunked alike): every run ends with the weights, moves and losses
+    of the pack trained in one forward (float64, 1e-10)."""
+    kws = PACKS["pro-vpt"]
+    run_pack([cfg_for(toy_root, tmp_path / f"w{i}", method="pro-vpt", epochs=3, **kw) for i, kw in enumerate(kws)])
+    for chunk in (1, 3):
+        run_pack([cfg_for(toy_root, tmp_path / f"c{chunk}-{i}", method="pro-vpt", epochs=3, pack_chunk=chunk, **kw)
+                  for i, kw in enumerate(kws)])
+        for i in range(len(kws)):
+            whole, cut = tmp_path / f"w{i}", tmp_path / f"c{chunk}-{i}"
+            a, b = trainable(whole), trainable(cut)
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
+            assert moves(cut) == moves(whole)
+            for hw, hc in zip(history(whole), history(cut), strict=True):
+                assert hc["train_loss"] == pytest.approx(hw["train_loss"], rel=1e-10, abs=1e-12)
+    assert any(moves(tmp_path / f"w{i}") for i in (2, 3)), "no move after a scoring pass"
+
+
+def pack_members(root, out: Path, kws, method="pro-vpt"):
+    """Members of one pack over one shared float64 backbone, built as run_pack builds them."""
+    from provpt.data.task import TaskData
+    from provpt.model.backbone import create_backbone
+    from provpt.train import Member, build_run
+
+    cpu = torch.device("cpu")
+    cfgs = [cfg_for(root, out / f"m{i}", method=method, **kw) for i, kw in enumerate(kws)]
+    data = TaskData(cfgs[0], cpu)
+    shared = create_backbone(cfgs[0].backbone, None, **cfgs[0].backbone_kwargs).to(cpu, torch.float64)
+    return [Member(c, *build_run(c, data.num_classes, cpu, shared)) for c in cfgs], data
+
+
+def test_out_of_memory_halves_the_chunk_and_redoes_the_batch(toy_root, tmp_path, caplog):
+    """A pack whose forward/backward runs out of memory with more than 2 runs at once, raised in the
+    middle of the backward (gradients of some runs already accumulated, dropout masks drawn): the
+    chunk's gradients and dropout streams are put back, it is halved and the batch redone, so no step
+    is half applied; the pack goes on 2 runs at a time and ends where the pack in one piece ends
+    (float64, 1e-10), its online scores (gate gradients summed over the epoch) too. A run alone that
+    does not fit re-raises."""
+    from contextlib import nullcontext
+
+    from provpt.train import train_members
+
+    kws = PACKS["pro-vpt"][:2] + [dict(lr=0.5, seed=5, num_prompts=1)]
+    whole, data = pack_members(toy_root, tmp_path / "whole", kws)
+    split, _ = pack_members(toy_root, tmp_path / "split", kws)
+    raised = []
+
+    def small_memory(models, x, sizes):
+        out = packed_forward(models, x, sizes)
+        if len(models) > 2:
+            def oom(grad):
+                hook.remove()
+                raised.append(sum(m.head.weight.grad is not None for m in models))
+                raise torch.OutOfMemoryError("simulated: more than 2 runs")
+
+            hook = models[0].prompts.values.register_hook(oom)  # reached late in the backward
+        return out
+
+    for epoch in range(2):
+        a = train_members(whole, data, epoch, nullcontext())
+        with caplog.at_level("WARNING", logger="provpt.train"):
+            b = train_members(split, data, epoch, nullcontext(), forward=small_memory)
+        for sa, sb in zip(a, b):
+            assert sb["train_loss"] == pytest.approx(sa["train_loss"], rel=1e-10)
+            assert sb["train_acc"] == sa["train_acc"]
+    assert len(raised) == 1 and raised[0] >= 1  # once, the pack keeps the smaller chunk; mid-backward
+    assert [m.chunk for m in split] == [2, 2, 2] and "out of memory" in caplog.text
+    for mw, ms in zip(whole, split):
+        for k, v in mw.model.trainable_state().items():
+            torch.testing.assert_close(ms.model.trainable_state()[k], v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ms.model.prompts.gates.grad, mw.model.prompts.gates.grad, rtol=1e-10, atol=1e-12)
+        assert torch.equal(ms.model.prompts.rng_state(), mw.model.prompts.rng_state())
+
+    def no_memory(models, x, sizes):
+        raise torch.OutOfMemoryError("simulated: not even one run")
+
+    with pytest.raises(torch.OutOfMemoryError, match="not even one"):
+        train_members(split[:1], data, 2, nullcontext(), forward=no_memory)
+
+
+# ----------------------------------------------------------------------------- the scoring pass's order
+
+
+def test_the_scoring_pass_order_is_drawn_per_epoch_from_the_seed_alone(toy_root, tmp_path):
+    """relocation.pass_order=shuffled: each epoch its own permutation of the training split, apart from
+    the training order of that epoch, the same whenever it is drawn again (a resumed run); fixed: the
+    stored order, every epoch."""
+    from provpt.data.task import TaskData
+    from provpt.train import pass_batches
+
+    cfg = cfg_for(toy_root, tmp_path / "x", relocation={"scoring": "pass", "pass_order": "shuffled"})
+    data = TaskData(cfg, torch.device("cpu"))
+    images = data.batch(cfg.train_split, torch.arange(TOY_TRAIN), False)[0]
+
+    def order(c, epoch):
+        x = torch.cat([xb for xb, _ in pass_batches(c, data, epoch)()])
+        match = (x[:, None] == images[None]).flatten(2).all(-1)  # row i is image j
+        assert match.sum(1).eq(1).all() and match.sum(0).eq(1).all()  # a permutation of the split
+        return match.float().argmax(1).tolist()
+
+    first = [order(cfg, e) for e in range(3)]
+    assert len({tuple(o) for o in first}) == 3 and first[0] != list(range(TOY_TRAIN))
+    again = cfg_for(toy_root, tmp_path / "x", relocation={"scoring": "pass", "pass_order": "shuffled"})
+    assert [order(again, e) for e in (2, 0, 1)] == [first[2], first[0], first[1]]
+    training = [torch.randperm(TOY_TRAIN, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + e)).tolist()
+                for e in range(3)]
+    assert not any(o == t for o in first for t in training)
+    fixed = cfg_for(toy_root, tmp_path / "x", relocation={"scoring": "pass"})
+    assert order(fixed, 0) == order(fixed, 1) == list(range(TOY_TRAIN))
+    other = cfg_for(toy_root, tmp_path / "x", seed=7, relocation={"scoring": "pass", "pass_order": "shuffled"})
+    assert order(other, 0) != first[0]
+
+
+def test_the_shuffled_scoring_pass_augments_fgvc_like_a_training_epoch(tmp_path):
+    """FGVC (augment: fgvc): the shuffled pass draws random crops and flips (training's ``train=True``),
+    again the same for the same seed and epoch; the fixed pass sees the centre crops."""
+    from provpt.data.task import TaskData
+    from provpt.train import pass_batches
+
+    g = torch.Generator().manual_seed(0)
+    splits = {"train800": (torch.randint(0, 256, (24, 3, 24, 24), generator=g, dtype=torch.uint8),
+                           torch.arange(24) % 3)}
+    cfg = cfg_for(tmp_path, tmp_path / "x", augment="fgvc", eval_splits=["train800"],
+                  relocation={"scoring": "pass", "pass_order": "shuffled"})
+    data = TaskData(cfg, torch.device("cpu"), splits=splits, num_classes=3)
+    centre = data.batch("train800", torch.arange(24), False)[0]
+    assert centre.shape[-1] == 16
+
+    def seen(c, epoch):
+        xs, ys = zip(*pass_batches(c, data, epoch)())
+        return torch.cat(xs), torch.cat(ys)
+
+    x0, y0 = seen(cfg, 0)
+    x0b, y0b = seen(cfg, 0)
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b) and not torch.equal(seen(cfg, 1)[0], x0)
+    rows = (x0[:, None] == centre[None]).flatten(2).all(-1).any(1)
+    assert rows.float().mean() < 0.5  # most images cropped off-centre or flipped
+    fixed = cfg_for(tmp_path, tmp_path / "x", augment="fgvc", eval_splits=["train800"], relocation={"scoring": "pass"})
+    assert torch.equal(seen(fixed, 3)[0], centre)
 
 
 class Killed(Exception):
@@ -173,7 +335,7 @@ class Killed(Exception):
 def test_a_pack_killed_between_its_runs_checkpoints_resumes_each_run(toy_root, tmp_path):
     """A pack stopped after one run's checkpoint of an epoch but before the other's: on restart the runs
     start from different epochs, and each ends as if never stopped."""
-    kws = PACKS["pro-vpt"][:2]
+    kws = [PACKS["pro-vpt"][0], PACKS["pro-vpt"][3]]  # online scores; the pass in a shuffled order
     full = run_pack([cfg_for(toy_root, tmp_path / f"f{i}", method="pro-vpt", epochs=5, **kw) for i, kw in enumerate(kws)])
     cut = [cfg_for(toy_root, tmp_path / f"c{i}", method="pro-vpt", epochs=5, **kw) for i, kw in enumerate(kws)]
 
@@ -194,7 +356,7 @@ def test_a_pack_killed_between_its_runs_checkpoints_resumes_each_run(toy_root, t
     resumed = run_pack(cut)
     for f, r in zip(full, resumed):
         assert {k: v for k, v in f.items() if k != "wall_time_s"} == {k: v for k, v in r.items() if k != "wall_time_s"}
-    assert moves(tmp_path / "c0") == moves(tmp_path / "f0")
+    assert moves(tmp_path / "c0") == moves(tmp_path / "f0") and moves(tmp_path / "c1") == moves(tmp_path / "f1")
 
 
 def test_kill_9_of_a_packed_search_and_rerun_gives_the_uninterrupted_metrics(toy_root, tmp_path):

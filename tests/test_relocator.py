@@ -222,3 +222,15 @@ def test_relocation_stops_at_until():
     r = Relocator(RelocationConfig(until=0.5), 3, 6, epochs=10)
     assert [e for e in range(10) if r.moves_at(e)] == [1, 2, 3, 4]
     assert [e for e in range(10) if Relocator(RelocationConfig(), 3, 6, epochs=10).moves_at(e)] == list(range(1, 10))
+
+
+def test_needs_pass_says_when_start_epoch_takes_the_scoring_pass():
+    """The training loop runs the scoring passes of a pack's runs as one, for the relocators that
+    would take one: pass scoring with Taylor pruning, at a moving epoch or with a reward to settle."""
+    r = Relocator(RelocationConfig(scoring="pass", warmup_epochs=2, every=2), 3, 6, epochs=10)
+    assert [e for e in range(6) if r.needs_pass(e)] == [2, 4]
+    r.pending = [0]
+    assert r.needs_pass(3)
+    for cfg in (RelocationConfig(), RelocationConfig(scoring="pass", pruning="norm"),
+                RelocationConfig(scoring="pass", enabled=False)):
+        assert not any(Relocator(cfg, 3, 6, epochs=10).needs_pass(e) for e in range(6))

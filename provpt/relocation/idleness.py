@@ -5,7 +5,8 @@ prompt hurts. Its first-order (Taylor) estimate is ``d loss / d gate_k = g_k . p
 read from the prompt bank's gates. Two ways to get it:
 
 - ``taylor_pass``: the authors' extra pass over the training data at the start of an epoch (train
-  mode, prompt dropout on, no optimiser step), batch-averaged gate gradients.
+  mode, prompt dropout on, no optimiser step), batch-averaged gate gradients; ``taylor_passes``: the
+  passes of a pack's runs as one (one concatenated forward, per-run gradients).
 - ``online_scores``: the same average, accumulated in ``gates.grad`` by the ordinary training
   backward of the previous epoch (free).
 
@@ -15,10 +16,6 @@ All scores are returned as CPU tensors of shape (N,), one per prompt of the bank
 from __future__ import annotations
 
 import torch
-
-
-def _mean_loss(losses: list[float], sizes: list[int]) -> float:
-    return sum(l * n for l, n in zip(losses, sizes)) / max(sum(sizes), 1)
 
 
 def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss: bool = False,
@@ -34,39 +31,82 @@ def taylor_pass(model, batches, loss_fn, clip: float | None = None, return_loss:
     With ``return_loss`` also returns the pass's training losses: ``mean`` (per-sample mean) and
     ``faithful`` (the authors' sum over batches of batch-mean loss / batch size). ``idleness``:
     ``gate`` (d loss / d gate) or ``logit`` (d loss / d log-gate, the bank must be log-gated).
+    A pass of one run of :func:`taylor_passes`.
     """
-    bank = model.prompts
-    param = bank.score_param(idleness)
-    gates = (bank.gates, bank.log_gates)
-    others = [p for p in model.parameters() if p.requires_grad and p is not bank.values and all(p is not g for g in gates)]
-    needs_grad = not param.requires_grad
-    param.requires_grad_(True)
-    was_training = model.training
-    model.train()
-    total, count, losses, sizes, faithful = None, 0, [], [], 0.0
+    ((scores, loss),) = taylor_passes([model], lambda: ([b] for b in batches()), loss_fn, [clip], [idleness])
+    return (scores, loss) if return_loss else scores
+
+
+def taylor_passes(models, batches, loss_fn, clips, idleness, forward=None, chunks=None) -> list[tuple]:
+    """The scoring passes of several runs at once (a pack: one shared frozen backbone), each what
+    :func:`taylor_pass` computes for that run alone: ``batches()`` yields, per step, one ``(x, y)``
+    per run; each step is one concatenated forward (``forward(models, x, sizes)``, by default
+    :func:`provpt.model.prompted_vit.packed_forward`) and one gradient of the runs' summed losses with
+    respect to every run's score parameter (and, where ``clips[j]`` is set, its other trainable
+    parameters), split per run: the runs share no trainable parameter, so each run's part is its own
+    loss's gradient. ``chunks(work)`` runs ``work(lo, hi)`` over chunks of the runs (default: all at
+    once; the training loop's :func:`provpt.train.pack_chunks`). ``clips``, ``idleness``: per run.
+    Losses and scores accumulate on the device: one host sync at the end, none per batch. Returns,
+    per run, (scores, {"mean", "faithful"})."""
+    if forward is None:
+        from ..model.prompted_vit import packed_forward as forward
+    k = len(models)
+    banks = [m.prompts for m in models]
+    params = [bank.score_param(how) for bank, how in zip(banks, idleness)]
+    others = [[p for p in m.parameters() if p.requires_grad and p is not bank.values
+               and p is not bank.gates and p is not bank.log_gates] for m, bank in zip(models, banks)]
+    needs_grad = [not p.requires_grad for p in params]
+    was_training = [m.training for m in models]
+    for p in params:
+        p.requires_grad_(True)
+    for m in models:
+        m.train()
+    totals, count, images = [None] * k, 0, 0
+    mean_sums, faithful = [None] * k, [None] * k  # float64 on the device, in the order of the batches
     try:
-        for x, y in batches():
-            with torch.enable_grad():
-                loss = loss_fn(model(x), y)
-                wrt = [param] + (others if clip is not None else [])
-                grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-            g = grads[0].detach()
-            if clip is not None:
-                norm = torch.sqrt(sum((t.detach().float() ** 2).sum() for t in grads if t is not None))
-                g = g * torch.clamp(clip / (norm + 1e-6), max=1.0).to(g.dtype)
-            total = g if total is None else total + g
+        for step in batches():
+            xs, ys = [x for x, _ in step], [y for _, y in step]
+
+            def work(lo: int, hi: int) -> None:
+                with torch.enable_grad():
+                    z = forward(models[lo:hi], xs[lo] if hi - lo == 1 else torch.cat(xs[lo:hi]),
+                                [len(y) for y in ys[lo:hi]])
+                    losses = [loss_fn(zj, y) for zj, y in zip(z, ys[lo:hi])]
+                    wrt, spans = [], []
+                    for j in range(lo, hi):
+                        own = [params[j]] + (others[j] if clips[j] is not None else [])
+                        spans.append((len(wrt), len(wrt) + len(own)))
+                        wrt += own
+                    grads = torch.autograd.grad(losses[0] if len(losses) == 1 else torch.stack(losses).sum(), wrt,
+                                                allow_unused=True)
+                new = []
+                for j, (a, b), loss in zip(range(lo, hi), spans, losses):
+                    g = grads[a].detach()
+                    if clips[j] is not None:
+                        norm = torch.sqrt(sum((t.detach().float() ** 2).sum() for t in grads[a:b] if t is not None))
+                        g = g * torch.clamp(clips[j] / (norm + 1e-6), max=1.0).to(g.dtype)
+                    n, loss = len(ys[j]), loss.detach().double()
+                    new.append((g if totals[j] is None else totals[j] + g,
+                                loss * n if mean_sums[j] is None else mean_sums[j] + loss * n,
+                                loss / n if faithful[j] is None else faithful[j] + loss / n))
+                for j, (t, s, f) in zip(range(lo, hi), new):  # only once the whole chunk is done
+                    totals[j], mean_sums[j], faithful[j] = t, s, f
+
+            (chunks or (lambda w: w(0, k)))(work)
             count += 1
-            losses.append(float(loss.detach()))
-            sizes.append(len(y))
-            faithful += losses[-1] / len(y)
+            images += len(ys[0])
     finally:
-        model.train(was_training)
-        if needs_grad:
-            param.requires_grad_(False)
-    scores = (total / count).cpu() if count else torch.zeros(bank.total)
-    if return_loss:
-        return scores, {"mean": _mean_loss(losses, sizes), "faithful": faithful}
-    return scores
+        for m, was in zip(models, was_training):
+            m.train(was)
+        for p, needed in zip(params, needs_grad):
+            if needed:
+                p.requires_grad_(False)
+    out = []
+    for bank, total, s, f in zip(banks, totals, mean_sums, faithful):
+        scores = (total / count).cpu() if count else torch.zeros(bank.total)
+        loss = {"mean": float(s) / max(images, 1), "faithful": float(f)} if count else {"mean": 0.0, "faithful": 0.0}
+        out.append((scores, loss))
+    return out
 
 
 def _bank(model_or_bank):

@@ -13,8 +13,9 @@ scores, settles rewards and keeps the state a checkpoint needs.
 Scores: ``online`` (default) uses the gate gradients accumulated during the previous epoch's
 training, so nothing extra runs and the global RNG is never touched; ``pass`` runs the authors'
 scoring pass at the start of the epoch (under ``fork_rng``, so training's random stream is the same
-as without it) and, as they do, takes the reward's losses from that pass. ``pruning='norm'`` is the
-authors' norm ablation: always move, reward without the idleness correction.
+as without it) and, as they do, takes the reward's losses from that pass; the training loop runs the
+passes of a pack's runs as one (:func:`scoring_passes`) and hands each relocator its result.
+``pruning='norm'`` is the authors' norm ablation: always move, reward without the idleness correction.
 
 Reward of the moves made at epoch t, settled at the start of epoch t+1:
 ``loss_before - loss_after - max_k score_k`` (online: training losses of epochs t-1 and t;
@@ -28,6 +29,7 @@ pass: pass losses at the starts of t and t+1). ``reward='mean'`` uses per-sample
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -35,7 +37,7 @@ import torch
 
 from ..clock import NULL_CLOCK
 from .allocators import make_allocator
-from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_pass, true_idleness
+from .idleness import block_sums, norm_scores, online_scores, reset_online, taylor_passes, true_idleness
 
 
 def allocator_state(bank, scores: torch.Tensor, pruning: str) -> torch.Tensor:
@@ -108,6 +110,23 @@ def relocate(bank, scores: torch.Tensor, allocator, cfg, epoch: int, clock=NULL_
     return records
 
 
+def scoring_passes(runs, batches, loss_fn, epoch: int, forward=None, chunks=None) -> list[tuple]:
+    """The authors' scoring pass at ``epoch`` for several runs at once: ``runs``, (relocator, model)
+    pairs; ``batches()`` yields per step one ``(x, y)`` per run. One packed forward and backward per
+    step with per-run gradients (:func:`~provpt.relocation.idleness.taylor_passes`; ``forward`` and
+    ``chunks`` as there), each run with its own clipping and idleness, its dropout masks drawn from its
+    own side stream of the epoch (:meth:`Relocator.pass_seed`) and torch's global stream forked, so
+    training's random streams are the same as without the pass. Returns (scores, losses) per run,
+    what each run's pass alone returns."""
+    dev = next(runs[0][1].parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), contextlib.ExitStack() as stack:
+        for r, model in runs:
+            stack.enter_context(model.prompts.fork_rng(r.pass_seed(epoch)))
+        return taylor_passes([model for _, model in runs], batches, loss_fn,
+                             [r.grad_clip if r.cfg.clip_scores else None for r, _ in runs],
+                             [r.cfg.idleness for r, _ in runs], forward, chunks)
+
+
 class Relocator:
     def __init__(self, cfg, num_blocks: int, total: int, seed: int = 0, grad_clip: float = 0.25,
                  epochs: int | None = None):
@@ -127,30 +146,42 @@ class Relocator:
             return False
         return c.enabled and epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.every == 0
 
-    def _scores(self, model, batches, loss_fn, needed: bool, epoch: int = 0):
-        """(per-prompt scores, losses now); scores None when unavailable. The scoring pass draws its
-        dropout masks from a side stream of the epoch, so training's stream is the same without it."""
+    def needs_pass(self, epoch: int) -> bool:
+        """Does :meth:`start_epoch` at ``epoch`` take the authors' scoring pass (to move, or to settle
+        a pending reward)? The training loop runs the passes of a pack as one (:func:`scoring_passes`)."""
+        c = self.cfg
+        return c.enabled and c.pruning != "norm" and c.scoring == "pass" and (self.moves_at(epoch) or bool(self.pending))
+
+    def pass_seed(self, epoch: int) -> int:
+        """The seed of the side stream the scoring pass at ``epoch`` draws its dropout masks from."""
+        return self.seed * 1_000_003 + 7919 * (epoch + 1)
+
+    def _scores(self, model, batches, loss_fn, needed: bool, epoch: int = 0, scored=None):
+        """(per-prompt scores, losses now); scores None when unavailable. ``scored``: the scoring pass's
+        result when the caller ran it (:func:`scoring_passes`), else the pass runs here on ``batches``."""
         if self.cfg.pruning == "norm":
             return norm_scores(model.prompts), self.last_loss
         if self.cfg.scoring == "online":
             return self.collected, self.last_loss
         if not needed:
             return None, None
-        dev = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
-                model.prompts.fork_rng(self.seed * 1_000_003 + 7919 * (epoch + 1)):
-            clip = self.grad_clip if self.cfg.clip_scores else None
-            return taylor_pass(model, batches, loss_fn, clip=clip, return_loss=True, idleness=self.cfg.idleness)
+        if scored is not None:
+            return scored
+        return scoring_passes([(self, model)], lambda: ([b] for b in batches()), loss_fn, epoch)[0]
 
     # ------------------------------------------------------------------ per epoch
-    def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK, lookahead=None) -> list[dict]:
+    def start_epoch(self, epoch: int, model, batches, loss_fn, clock=NULL_CLOCK, lookahead=None,
+                    scored=None) -> list[dict]:
         """Settle the pending reward, then relocate if this epoch is scheduled; returns this epoch's moves.
-        ``lookahead``: the oracle allocator's trial moves (:func:`relocate`)."""
+        ``lookahead``: the oracle allocator's trial moves (:func:`relocate`). ``scored``: this epoch's
+        scoring pass (scores, losses), when the caller ran it for several runs at once; otherwise the
+        pass runs here over ``batches()``, which also give the verification's probe batches."""
         if not self.cfg.enabled:
             return []
         moving = self.moves_at(epoch)
         with clock.once("scoring"):
-            scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending), epoch=epoch)
+            scores, loss = self._scores(model, batches, loss_fn, needed=moving or bool(self.pending), epoch=epoch,
+                                        scored=scored)
         reset_online(model.prompts)  # this epoch's training accumulates this epoch's gate gradients only
         with clock.once("ppo_update"):
             self._settle(scores, loss)
@@ -211,4 +242,4 @@ class Relocator:
         self.pending = list(state["pending"])
         self.loss_before = copy.deepcopy(state["loss_before"])
         self.last_loss = copy.deepcopy(state["last_loss"])
-        self.collected = None if state["collected"] is None else state["collected"].clone()
+        self.collected = None if state["collected"] is None else state["collected"].to("cpu", copy=True)  # as online_scores
