@@ -8,7 +8,7 @@ PROFILE ?= quick
 CORES ?= 2
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: run test venv data-deps slurm-deps clean-results
+.PHONY: run test venv data-deps slurm-deps clean-results gpu-check
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,31 @@ run: venv data-deps
 
 test: venv data-deps slurm-deps
 	$(PY) -m pytest -q
+
+# The first-GPU check (one GPU, <= 8 min; run it once where a GPU is lent): the device tests on CUDA
+# (incl. kill -9 + resume of a packed pro-vpt/pro-vpt-exact pair, fp32 and bf16), the GPU epoch benchmark
+# (ViT-B/16 at 200/100/10 prompts per block, fp32/tf32/bf16, alone and packed; JSON for `provpt plan
+# --measured`) and the vtab1k rehearsal on generated fixtures, each under its own time limit. Writes
+# results/gpu-check/{gpu_epoch.json,*.log}; exits non-zero if a part failed or no GPU is visible.
+GPU_CHECK := results/gpu-check
+gpu-check:
+	@test -x $(PY) || { echo "gpu-check: $(PY) not found: run 'make venv' first (or pass PY=/path/to/python)"; exit 2; }
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || \
+	  { echo "gpu-check: no CUDA GPU visible to torch on this machine; nothing was checked"; exit 1; }
+	@mkdir -p $(GPU_CHECK); status=0; \
+	echo "== device tests on CUDA (limit 150 s)"; \
+	PROVPT_TEST_DEVICES=cuda timeout 150 $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_device.py \
+	  2>&1 | tee $(GPU_CHECK)/tests.log; test $${PIPESTATUS[0]} = 0 || status=1; \
+	echo "== GPU epoch benchmark (limit 210 s, no record started after 150 s)"; \
+	timeout 210 $(PY) benchmarks/gpu_epoch.py --device cuda --budget-s 150 --images 64 --prompts 200 100 10 \
+	  --json $(GPU_CHECK)/gpu_epoch.json 2>&1 | tee $(GPU_CHECK)/gpu_epoch.log; test $${PIPESTATUS[0]} = 0 || status=1; \
+	if [ -f tests/test_paper_profiles.py ]; then \
+	  echo "== vtab1k rehearsal on generated fixtures, on CUDA (limit 120 s)"; \
+	  PROVPT_TEST_DEVICE=cuda timeout 120 $(PY) -m pytest -q -ra -p no:cacheprovider tests/test_paper_profiles.py \
+	    2>&1 | tee $(GPU_CHECK)/rehearsal.log; test $${PIPESTATUS[0]} = 0 || status=1; \
+	else echo "== no tests/test_paper_profiles.py: rehearsal not run"; status=1; fi; \
+	echo "gpu-check: $$( [ $$status = 0 ] && echo passed || echo FAILED ); logs and gpu_epoch.json in $(GPU_CHECK)/"; \
+	exit $$status
 
 clean-results:
 	rm -rf results/$(PROFILE)

@@ -35,7 +35,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     setup_device(args.device)
 
-    from provpt.config import RunConfig
+    from provpt.config import resolve
     from provpt.train import run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,8 +49,8 @@ def main(argv=None):
 
             def go():
                 count[0] += 1
-                cfg = RunConfig.from_profile(args.profile, {
-                    "dataset": "bench", "data_root": str(root), "weights": None, "method": method,
+                cfg = resolve(args.profile, method, overrides={
+                    "dataset": "bench", "data_root": str(root), "weights": None,
                     "relocation.scoring": scoring, "epochs": args.epochs, "eval_every": 10**6,
                     "eval_splits": ["val200"], "threads": args.threads, "device": args.device,
                     "progress": False, "seed": 0, "out": str(tmp / "runs" / f"{count[0]:03d}")})

@@ -1,11 +1,17 @@
-"""Where and how a run computes: the torch device and the autocast context of a run config.
+"""Where and how a run computes: the torch device, the float precision and the autocast context of a run config.
 
-Several GPUs on one workstation (``snakemake --cores 8 --resources gpu=4``): Snakemake only counts
-the ``gpu`` resource, it does not hand out devices, so every job would see all GPUs and pick the
-first. Here a job that resolves ``device: auto`` (or ``cuda``) with more than one visible GPU takes
-a slot: an exclusive lock on one file per GPU (:func:`claim_gpu_slot`), held for the life of the
-process, so the OS releases it when the job exits or is killed. Under SLURM a job sees only the
-GPU it was given (one visible device) and takes no lock.
+GPUs on one workstation (``snakemake --cores 16 --resources gpu=4``): Snakemake only counts the
+``gpu`` resource, it does not hand out devices, so every job would see all GPUs and pick the first,
+and two jobs on a one-GPU machine would share its memory. Here a job that resolves ``device: auto``
+(or ``cuda``) takes a slot: an exclusive lock on one file per visible GPU (:func:`claim_gpu_slot`),
+held for the life of the process, so the OS releases it when the job exits or is killed; with one GPU
+the jobs take turns. A SLURM job that was given its GPU (:func:`slurm_gave_gpu`) sees only that one
+and takes no lock: SLURM already made it exclusive.
+
+Precision (``cfg.precision``): ``fp32`` (the authors': float32 weights and IEEE float32 matmuls and
+convolutions), ``tf32`` (float32 weights, matmuls and convolutions on TF32 tensor cores on CUDA; on
+the CPU the same as fp32), ``bf16`` (float32 weights, bf16 autocast), ``auto`` (bf16 on CUDA, fp32 on
+the CPU) and ``fp64`` (exactness checks).
 
 Torch-free at import (the studies package re-exports :func:`autocast_for` and is read by the
 workflow without torch); torch is imported inside the functions.
@@ -13,6 +19,7 @@ workflow without torch); torch is imported inside the functions.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -24,7 +31,8 @@ if TYPE_CHECKING:
 
     from .config import RunConfig
 
-__all__ = ["resolve_device", "autocast_for", "dtype_for", "claim_gpu_slot", "gpu_lock_dir"]
+__all__ = ["resolve_device", "autocast_for", "dtype_for", "float32_mode", "claim_gpu_slot", "gpu_lock_dir",
+           "slurm_gave_gpu", "Autocast"]
 
 _held = {}  # (count, lock folder) -> (index, lock): the slot this process holds, kept until it exits
 
@@ -47,7 +55,7 @@ def claim_gpu_slot(count: int, lock_dir: str | os.PathLike | None = None, poll_s
     if (count, folder) in _held:
         return _held[count, folder][0]
     folder.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    start, told = time.monotonic(), False
     while True:
         for index in range(count):
             lock = FileLock(folder / f"gpu{index}.lock")
@@ -59,12 +67,27 @@ def claim_gpu_slot(count: int, lock_dir: str | os.PathLike | None = None, poll_s
             return index
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(f"all {count} GPU slots in {folder} stayed taken for {timeout_s} s")
+        if not told:
+            logging.getLogger(__name__).warning("all %d GPU slot(s) in %s are taken by other jobs: waiting for one",
+                                                count, folder)
+            told = True
         time.sleep(poll_s)
+
+
+def slurm_gave_gpu(env=None) -> bool:
+    """Is this a SLURM job that was allocated its GPU(s) (``--gpus``/``--gres=gpu``)? SLURM then shows
+    the job only its own devices, exclusively; a SLURM job without a GPU allocation is not covered."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return False
+    return any(env.get(k) for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS",
+                                    "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK"))
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
     """``cfg.device`` as a torch device (``auto``: CUDA when available, else CPU). ``auto`` or
-    ``cuda`` with several visible GPUs: the GPU of this job's slot (:func:`claim_gpu_slot`)."""
+    ``cuda``: the GPU of this job's slot (:func:`claim_gpu_slot`, also with one visible GPU, so
+    concurrent jobs take turns), or GPU 0 in a SLURM job given its GPU (:func:`slurm_gave_gpu`)."""
     import torch
 
     if cfg.device in ("auto", "cuda"):
@@ -73,7 +96,7 @@ def resolve_device(cfg: RunConfig) -> torch.device:
                 raise RuntimeError("device=cuda but CUDA is not available on this machine")
             return torch.device("cpu")
         count = torch.cuda.device_count()
-        index = claim_gpu_slot(count) if count > 1 else 0
+        index = 0 if slurm_gave_gpu() else claim_gpu_slot(count)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -88,11 +111,55 @@ def dtype_for(cfg: RunConfig):
     return torch.float64 if cfg.precision == "fp64" else torch.float32
 
 
+def float32_mode(cfg: RunConfig, device) -> str:
+    """Set how float32 matmuls and convolutions run on CUDA for this process, from ``cfg.precision``:
+    ``"tf32"`` (TF32 tensor cores) under precision tf32, else ``"ieee"`` (full float32: fp32 is
+    faithful, and under bf16 only what autocast leaves in float32 remains). Returns the mode in effect
+    on ``device``: on the CPU nothing is set and it is always ``"ieee"`` (tf32 behaves as fp32)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return "ieee"
+    tf32 = cfg.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else "ieee"
+
+
+class Autocast:
+    """A reusable, re-entrant ``torch.autocast``: each ``with`` opens a fresh ``torch.autocast`` and
+    closes it on exit, so nested uses (the oracle's lookahead trains inside the epoch's context)
+    restore exactly the state they found. One ``torch.autocast`` object entered twice would instead
+    overwrite its saved state and leave autocast on after the outer exit."""
+
+    def __init__(self, device_type: str, dtype=None):
+        self.device_type, self.dtype = device_type, dtype
+        self._open = []
+
+    def __enter__(self):
+        import torch
+
+        ctx = torch.autocast(self.device_type, dtype=self.dtype)
+        ctx.__enter__()
+        self._open.append(ctx)
+        return self
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)
+
+    def __repr__(self) -> str:
+        return f"Autocast({self.device_type!r}, dtype={self.dtype})"
+
+
 def autocast_for(cfg: RunConfig, device):
-    """The training loop's autocast: bf16 on CUDA under precision auto, else none."""
+    """The training loop's autocast context (re-entrant, :class:`Autocast`): bf16 under precision bf16,
+    and on CUDA under auto; none (a null context) for fp32, tf32 and fp64. Also sets the process's
+    float32 matmul mode for the run (:func:`float32_mode`)."""
     from contextlib import nullcontext
 
     import torch
 
+    device = torch.device(device)
+    float32_mode(cfg, device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return Autocast(device.type, torch.bfloat16) if bf16 else nullcontext()

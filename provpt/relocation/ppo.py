@@ -161,7 +161,7 @@ class PPO:
         self.actor.load_state_dict(state["actor"])
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.buffer = [dict(t) for t in state["buffer"]]
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator takes only a CPU byte tensor
+        self.buffer = [{**t, "state": t["state"].cpu(), "mask": t["mask"].cpu()} for t in state["buffer"]]
         self.updates = int(state["updates"])
         self.stats = list(state.get("stats", [0, 0.0, 0.0]))

@@ -69,7 +69,7 @@ def restore(model, optimizer, ck: dict) -> None:
 
     model.load_trainable_state(ck["model"])
     optimizer.load_state_dict(copy.deepcopy(ck["optimizer"]))
-    torch.set_rng_state(ck["rng"])
+    torch.set_rng_state(ck["rng"].cpu())  # the CPU generator's state (load_checkpoint keeps it on the CPU)
     if ck.get("dropout_rng") is not None:
         model.prompts.set_rng_state(ck["dropout_rng"])
     if torch.cuda.is_available():  # run() keeps only the CPU RNG: give every arm the same CUDA stream
@@ -192,7 +192,7 @@ def main(profile: dict, overrides) -> dict:
     budget = int(opts["budget_epochs"])
     points, rows = [], []
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
-        ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
+        ck = load_checkpoint(checkpoint_path(run_dir, epoch))
         t0 = time.perf_counter()
         res = sweep_point(model, data, cfg, ck, budget, bool(opts["pairs"]), split, autocast, seed=cfg.seed + epoch,
                           prune=str(opts["prune"]), prune_batches=int(opts["prune_batches"]))

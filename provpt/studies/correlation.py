@@ -264,7 +264,7 @@ def main(profile: dict, overrides) -> dict:
 
     rows, points = [], []
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
-        ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
+        ck = load_checkpoint(checkpoint_path(run_dir, epoch))
         model.load_trainable_state(ck["model"])
         scores, times = score_point(model, data, cfg, batches, opts, seed=cfg.seed + epoch)
         reloc = ck.get("relocator") or {}

@@ -129,7 +129,7 @@ def main(profile: dict, overrides) -> dict:
     for frac, epoch in point_epochs(opts["points"], cfg.epochs):
         if epoch < 1:  # the authors' reward needs the loss of an epoch before the move
             continue
-        ck = load_checkpoint(checkpoint_path(run_dir, epoch), device)
+        ck = load_checkpoint(checkpoint_path(run_dir, epoch))
         got = point_moves(model, data, cfg, ck, int(opts["budget_epochs"]), split, batches, autocast)
         rows += [{"fraction": frac, **r} for r in got]
         print(f"rewards {cfg.dataset} epoch {epoch}: {len(got)} moves, effects "
