@@ -50,19 +50,45 @@ def cmd_search(args) -> None:
     from .protocol import search
 
     over = as_mapping(args.overrides, "command line")
+    if not args.out and not args.gather:
+        raise ConfigError("search: give --out (the folder of the method's search runs)")
     missing = [k for k in ("dataset", "method") if k not in over]
     if missing:
         raise ConfigError(f"search: give {' and '.join(f'{k}=' for k in missing)} (the grid is per dataset and method)")
     dataset, method = over.pop("dataset"), over.pop("method")
+    if args.gather:
+        from .protocol import gather_search
+
+        if not args.summary:
+            raise ConfigError("search --gather: give --summary (the file to write)")
+        from .io import write_text
+
+        write_text(Path(args.summary), json.dumps(gather_search(dataset, method, args.gather), indent=2))
+        return
     points = []
-    for m in search(_profile(args), dataset, method, args.out, args.lr, over):
+    for m in search(_profile(args), dataset, method, args.out, args.lr, over, args.pack):
         evals = ", ".join(f"{s} {v['acc']:.2f}%" for s, v in m["eval"].items())
         print(f"{dataset}/{method} lr {m['lr']:g} wd {m['weight_decay']:g}: {evals}")
         points.append({k: m[k] for k in ("lr", "weight_decay", "eval", "packed_runs")})
     if args.summary:
         from .io import write_text
 
-        write_text(Path(args.summary), json.dumps({"dataset": dataset, "method": method, "points": points}, indent=2))
+        summary = {"dataset": dataset, "method": method, **({"pack": args.pack} if args.pack is not None else {}),
+                   "points": points}
+        write_text(Path(args.summary), json.dumps(summary, indent=2))
+
+
+def cmd_plan(args) -> None:
+    from .plan import plan, read_measured, render
+
+    if not args.profile:
+        raise ConfigError("plan: give --profile params/<name>.yaml")
+    measured = read_measured(args.measured) if args.measured else None
+    result = plan(_profile(args), args.overrides, measured)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
 
 
 def cmd_final(args) -> None:
@@ -168,10 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(add("config", cmd_config, "print the resolved configuration of one run (as `train` would run it)"))
     run_args(add("train", cmd_train, "one training run into one run folder (resumes an unfinished one)"))
     sp = add("search", cmd_search, "train a method's lr x wd search grid on one dataset, one folder per point")
-    sp.add_argument("--out", required=True, help="folder of the method's search runs (lr<lr>_wd<wd>/ each)")
+    sp.add_argument("--out", help="folder of the method's search runs (lr<lr>_wd<wd>/ each)")
     sp.add_argument("--lr", type=float, action="append", help="only this grid lr (repeatable)")
     sp.add_argument("--summary", help="also write the grid's points and their metrics to this JSON file")
+    sp.add_argument("--pack", type=int,
+                    help="only this pack of the grid (from 0; packs of the profile's pack.search runs)")
+    sp.add_argument("--gather", nargs="+", metavar="PACK_JSON", help="train nothing: write --summary from the "
+                    "--summary files of the grid's packs (in grid order)")
     sp.add_argument("overrides", nargs="*", help="dataset=<d> method=<m> and run-config overrides")
+    sp = add("plan", cmd_plan, "before a run: a profile's jobs and runs per rule, GPU-hours (projected or measured) "
+             "and disk (data cache, run folders per `keep`, DVC cache)")
+    sp.add_argument("--measured",
+                    help="JSON of measured GPU epochs (benchmarks/gpu_epoch.py) instead of the FLOPs estimate")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the profile (e.g. train.precision=bf16)")
     sp = add("final", cmd_final, "train a method's final runs on one dataset, one folder per seed")
     sp.add_argument("--out", required=True, help="folder of the method's final runs (seed<k>/ each)")
     sp.add_argument("--hparams", help="selection JSON (provpt select) whose lr and weight_decay to use")

@@ -36,6 +36,7 @@ METHOD_DEFAULTS = {
 }
 STUDIES = ("correlation", "timing", "adjustment", "allocators", "rewards")
 STAGES = ("search", "final")
+KEEP = ("all", "weights", "metrics")  # retention of a finished run folder (profile `keep: {<stage>: ...}`)
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,109 @@ def load_profile(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- subsets of a profile
+
+SUBSET_KEYS = ("datasets", "methods", "seeds")
+
+
+def profile_names(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, list]:
+    """The datasets, methods and seeds a profile knows: its own lists and those of its ``base:``
+    chain (a profile that lists a few tasks of its base still knows the others)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back on itself")
+    data = _read_yaml(path)
+    names = {key: list(data.get(key) or []) if isinstance(data.get(key), list) else [] for key in SUBSET_KEYS}
+    if data.get("base"):
+        parent = profile_names(path.parent / data["base"], _seen + (path.resolve(),))
+        names = {key: parent[key] + [n for n in names[key] if n not in parent[key]] for key in SUBSET_KEYS}
+    return names
+
+
+def _chosen(key: str, value, known: list) -> list:
+    """A subset list as given (a single name is a list of one), checked against the known names."""
+    value = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+    kind = int if key == "seeds" else str
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, kind) for v in value):
+        raise ConfigError(f"{key}={value!r}: expected a non-empty list of {'integers' if kind is int else 'names'}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}={value!r}: a name is listed twice")
+    if key != "seeds" and (unknown := [v for v in value if v not in known]):
+        raise ConfigError(f"{key}: {unknown} not known to the profile{_did_you_mean(unknown, known)}; known: {known}")
+    return list(value)
+
+
+def restrict_profile(profile: dict, datasets=None, methods=None, seeds=None,
+                     known: dict | None = None) -> tuple[dict, list[str]]:
+    """A merged profile cut to a subset of its datasets, methods and seeds; ``(profile, notes)``.
+
+    ``profile`` is the profile before the choice (params/<name>.yaml with its base chain, other
+    overrides merged); the subset is ``datasets``/``methods``/``seeds`` where given (the command
+    line's ``--config datasets=[dtd]``), else the profile's own lists (a profile that extends vtab1k
+    with ``datasets: [dtd]`` and inherits its 19-task sections). Every section keyed by dataset
+    follows: ``groups`` (a group left without a dataset goes), ``train_by_dataset``, each study's
+    ``datasets`` and ``seeds``; a study whose ``hparams`` method is left out gets no dataset. ``train_by_method`` stays whole: the
+    studies run methods of their own (the allocator variants, the timing study), configured there.
+    ``known`` ({datasets, methods}: :func:`profile_names` of the profile file) is what may be chosen
+    and what the sections may name; a name outside it is an error that lists the known ones.
+    ``notes`` says what was left out, for the run to print once. The per-task settings of a kept
+    dataset (its ``train_by_dataset`` entry, e.g. num_prompts) are untouched."""
+    prof = copy.deepcopy(profile)
+    known = {key: list((known or {}).get(key) or profile.get(key) or []) for key in SUBSET_KEYS}
+    given = {"datasets": datasets, "methods": methods, "seeds": seeds}
+    chosen = {key: _chosen(key, prof.get(key) if given[key] is None else given[key], known[key])
+              for key in SUBSET_KEYS}
+    prof.update(chosen)
+    notes = [f"{key}: left out {dropped}" for key in SUBSET_KEYS
+             if (dropped := [v for v in profile.get(key) or [] if v not in chosen[key]])]
+    ds = set(chosen["datasets"])
+
+    def named(where: str, names) -> list:
+        if not isinstance(names, list):
+            raise ConfigError(f"{where}={names!r}: expected a list of datasets")
+        if unknown := [d for d in names if d not in known["datasets"]]:
+            raise ConfigError(f"{where} names {unknown}, not datasets of the profile; known: {known['datasets']}")
+        return [d for d in names if d in ds]
+
+    if prof.get("groups"):
+        if not isinstance(prof["groups"], dict):
+            raise ConfigError(f"groups={prof['groups']!r}: expected a mapping group -> datasets")
+        groups = {g: named(f"groups.{g}", names) for g, names in prof["groups"].items()}
+        if gone := [g for g, names in groups.items() if not names]:
+            notes.append(f"groups: left out {gone} (no chosen dataset)")
+        prof["groups"] = {g: names for g, names in groups.items() if names} or None
+    if prof.get("train_by_dataset"):
+        named("train_by_dataset", list(prof["train_by_dataset"]))
+        # (the ones of datasets the profile lists are in the `datasets: left out` note already)
+        listed = profile.get("datasets") or []
+        if gone := [d for d in prof["train_by_dataset"] if d not in ds and d not in listed]:
+            notes.append(f"train_by_dataset: left out {gone}")
+        prof["train_by_dataset"] = {d: v for d, v in prof["train_by_dataset"].items() if d in ds}
+    for name, study in (prof.get("studies") or {}).items():
+        if not isinstance(study, dict):
+            continue  # the schema and the study's own checks say what is wrong
+        before = study.get("datasets") or []
+        study["datasets"] = named(f"studies.{name}.datasets", before)
+        method = study.get("hparams")
+        if method and study["datasets"] and method not in known["methods"]:
+            raise ConfigError(f"studies.{name}.hparams={method!r}: not a method of the profile; "
+                              f"known: {known['methods']}")
+        if method and study["datasets"] and method not in chosen["methods"]:
+            notes.append(f"studies.{name}: no job (its hparams method {method} is left out)")
+            study["datasets"] = []
+        elif before and not study["datasets"]:
+            notes.append(f"studies.{name}: no job (its datasets {before} are left out)")
+        if isinstance(study.get("seeds"), list) and study["seeds"]:
+            kept = [s for s in study["seeds"] if s in chosen["seeds"]]
+            if study["datasets"] and kept != study["seeds"]:
+                notes.append(f"studies.{name}.seeds: left out {[s for s in study['seeds'] if s not in kept]}")
+            if kept:
+                study["seeds"] = kept
+            else:
+                study.pop("seeds")  # the profile's first seed (provpt.studies.study_jobs)
+    return prof, notes
+
+
 def parse_value(text: str) -> Any:
     """``key=value`` override values are YAML scalars/lists (``lr=0.1``, ``seeds=[1,2]``)."""
     try:
@@ -125,6 +229,7 @@ class RelocationConfig:
     enabled: bool = True
     allocator: str = "ppo"  # ppo | thompson | random | greedy | oracle (study-only: every target tried by lookahead)
     scoring: str = "online"  # online | pass
+    pass_order: str = "fixed"  # the pass's batches: fixed (stored order) | shuffled (per epoch, augmented, like training)
     pruning: str = "taylor"  # taylor | norm
     clip_scores: bool = False  # authors' quirk: per-batch grad clipping also rescales the pass scores
     warmup_epochs: int = 1  # first epoch (0-indexed) at which prompts move
@@ -153,7 +258,7 @@ class RunConfig:
     data_root: str = "data/mini/cache"  # prepared cache root: <data_root>/<dataset>/
     train_split: str = "train800"
     eval_splits: list = field(default_factory=lambda: ["val200"])
-    norm: str = "vtab"  # vtab (mean=std=0.5) | imagenet
+    norm: str = "vtab"  # vtab (mean=std=0.5) | imagenet | clip (OpenAI CLIP's, EVA-02's)
     augment: str = "none"  # none | fgvc (random crop + flip)
     # backbone
     backbone: str = "vit_base_patch16_224.orig_in21k"
@@ -178,12 +283,14 @@ class RunConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: leave torch's default
-    precision: str = "auto"  # auto (bf16 on cuda) | fp32 | bf16 | fp64 (exactness checks)
+    precision: str = "auto"  # auto (bf16 on cuda) | fp32 | tf32 (fp32 on TF32 tensor cores) | bf16 | fp64 (exactness checks)
     compile: bool = False
     feature_cache: bool = True  # linear probes: the frozen backbone's features computed once per split (provpt.train)
+    pack_chunk: int = 0  # runs of a pack per forward/backward (0: all at once); halved on out-of-memory (provpt.train)
     eval_every: int = 1
     checkpoint_every: int = 1  # epochs between resumable checkpoints (the last epoch always)
     save_at: list = field(default_factory=list)  # fractions of training at which to keep a checkpoint copy
+    keep: str = "all"  # what a finished run keeps: all | weights (no resume checkpoint) | metrics (no weights either)
     progress: bool = True
     out: str = "results/run"
     relocation: RelocationConfig = field(default_factory=RelocationConfig)
@@ -211,20 +318,20 @@ class RunConfig:
             bad("optimizer", self.optimizer, "sgd or adamw")
         if self.schedule not in ("constant", "cosine"):
             bad("schedule", self.schedule, "constant or cosine")
-        if self.norm not in ("vtab", "imagenet"):
-            bad("norm", self.norm, "vtab or imagenet")
+        if self.norm not in ("vtab", "imagenet", "clip"):
+            bad("norm", self.norm, "vtab, imagenet or clip")
         if self.head_init not in ("default", "vpt"):
             bad("head_init", self.head_init, "default or vpt")
         if self.augment not in ("none", "fgvc"):
             bad("augment", self.augment, "none or fgvc")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             bad("device", self.device, "auto, cpu, cuda or cuda:N")
-        if self.precision not in ("auto", "fp32", "bf16", "fp64"):
-            bad("precision", self.precision, "auto, fp32, bf16 or fp64")
+        if self.precision not in ("auto", "fp32", "tf32", "bf16", "fp64"):
+            bad("precision", self.precision, "auto, fp32, tf32, bf16 or fp64")
         for key in ("epochs", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, getattr(self, key), "an integer >= 1")
-        for key in ("num_prompts", "threads", "warmup_epochs", "lora_rank", "adapter_dim"):
+        for key in ("num_prompts", "threads", "warmup_epochs", "lora_rank", "adapter_dim", "pack_chunk"):
             if getattr(self, key) < 0:
                 bad(key, getattr(self, key), "an integer >= 0")
         for key in ("lr", "weight_decay", "grad_clip", "momentum"):
@@ -236,6 +343,8 @@ class RunConfig:
             self.eval_splits = [self.eval_splits]
         if not self.eval_splits:
             bad("eval_splits", self.eval_splits, "at least one split name")
+        if self.keep not in KEEP:
+            bad("keep", self.keep, f"one of {list(KEEP)}")
         for f in self.save_at:
             if not 0 <= float(f) <= 1:
                 bad("save_at", self.save_at, "fractions in [0, 1]")
@@ -243,6 +352,7 @@ class RunConfig:
         choices = {
             "allocator": ("ppo", "thompson", "random", "greedy", "oracle"),
             "scoring": ("online", "pass"),
+            "pass_order": ("fixed", "shuffled"),
             "pruning": ("taylor", "norm"),
             "reward": ("mean", "faithful", "move"),
             "idleness": ("gate", "logit"),
@@ -394,7 +504,7 @@ def read_profile(profile) -> dict:
 def stage_layer(profile: dict, stage: str | None) -> dict:
     """The run keys a stage of the protocol sets: search (train on search.train_split, evaluate on
     search.eval_split, seed search.seed, then search.overrides) or final (final.train_split ->
-    final.eval_split, then final.overrides)."""
+    final.eval_split, then final.overrides); both keep what the profile's ``keep.<stage>`` says."""
     if stage is None:
         return {}
     if stage not in STAGES:
@@ -407,6 +517,9 @@ def stage_layer(profile: dict, stage: str | None) -> dict:
         layer["eval_splits"] = [sec["eval_split"]]
     if stage == "search" and sec.get("seed") is not None:
         layer["seed"] = sec["seed"]
+    keep = (profile.get("keep") or {}).get(stage)
+    if keep is not None:
+        layer["keep"] = keep
     return deep_merge(layer, sec.get("overrides") or {})
 
 

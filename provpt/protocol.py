@@ -11,6 +11,7 @@
 Runs of one stage train as packs of up to ``pack.<stage>`` runs (profile knob; 1: one by one) through
 one shared backbone (:func:`provpt.train.run_pack`); methods that train backbone weights always go
 one by one. Each run keeps its own folder, and a killed job resumes every run where it stopped.
+``provpt search --pack i`` trains one pack of the grid (the workflow's job per pack).
 """
 
 from __future__ import annotations
@@ -59,11 +60,45 @@ def train_packed(cfgs: list, size: int) -> list[dict]:
     return [m for i in range(0, len(cfgs), size) for m in run_pack(cfgs[i:i + size])]
 
 
-def search(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list[dict]:
-    """Train the search points (resuming unfinished ones) in packs; returns their metrics."""
+def search_packs(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list[list]:
+    """The search's run configurations in the packs they train in (``pack.search`` runs each, grid
+    order): the workflow gives each pack its own job."""
     prof = read_profile(profile)
     cfgs = search_configs(prof, dataset, method, root, lrs, overrides)
-    return train_packed(cfgs, pack_size(prof, "search", method))
+    size = pack_size(prof, "search", method)
+    return [cfgs[i:i + size] for i in range(0, len(cfgs), size)]
+
+
+def search(profile, dataset: str, method: str, root, lrs=None, overrides=(), pack: int | None = None) -> list[dict]:
+    """Train the search points (resuming unfinished ones) in packs, or only pack number ``pack``
+    (from 0, :func:`search_packs`); returns their metrics."""
+    from .train import run_pack
+
+    packs = search_packs(profile, dataset, method, root, lrs, overrides)
+    if pack is None:
+        return [m for cfgs in packs for m in run_pack(cfgs)]
+    if not 0 <= pack < len(packs):
+        raise ConfigError(f"search {dataset}/{method}: pack {pack} does not exist (the grid trains in {len(packs)} "
+                          f"pack(s), 0-{len(packs) - 1})")
+    return run_pack(packs[pack])
+
+
+def gather_search(dataset: str, method: str, files) -> dict:
+    """The grid's summary (``search.json``) from its packs' summaries (``provpt search --pack i
+    --summary``), in the order given; a file of another dataset or method is refused."""
+    import json
+
+    points = []
+    for f in files:
+        try:
+            part = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"search --gather {f}: unreadable pack summary ({e})") from None
+        if (part.get("dataset"), part.get("method")) != (dataset, method):
+            raise ConfigError(f"search --gather {f}: a pack of {part.get('dataset')}/{part.get('method')}, "
+                              f"not {dataset}/{method}")
+        points += part["points"]
+    return {"dataset": dataset, "method": method, "points": points}
 
 
 def final_configs(profile, dataset: str, method: str, root, seeds=None, hparams: dict | None = None,

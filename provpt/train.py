@@ -7,7 +7,8 @@ killed run loses at most the epoch in progress and a rerun resumes from the last
 
 Several runs of one task (other lr, weight decay, seed, prompts or relocation settings) can train
 as one *pack* (:func:`run_pack`; :func:`run` is a pack of one): their batches are concatenated
-through one shared frozen backbone (:func:`provpt.model.prompted_vit.packed_forward`), and each run
+through one shared frozen backbone (:func:`provpt.model.prompted_vit.packed_forward`; in chunks of
+``pack_chunk`` runs where memory asks, a chunk halved by itself on out-of-memory), and each run
 keeps its own prompts, head, optimiser, gradient clipping, data order, dropout stream, relocator,
 checkpoint and run folder. A run computes the same in a pack as alone, up to the order of
 floating-point sums (tested), and a killed pack resumes every run where it stopped.
@@ -34,7 +35,7 @@ from .data.task import TaskData
 from .io import file_sha256, json_sha256, save_safetensors, save_torch, write_text
 from .model.backbone import create_backbone
 from .model.methods import build_model, count_parameters, trainable_parameters
-from .model.prompted_vit import HeadOnly, packed_forward
+from .model.prompted_vit import HeadOnly, chunked, packed_forward
 from .runtime import autocast_for, dtype_for, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,13 +58,18 @@ def load_trainable(model, path: Path) -> None:
 # ----------------------------------------------------------------------------- set-up
 
 
-def load_checkpoint(path: Path, device) -> dict:
+def load_checkpoint(path: Path) -> dict:
     """A run checkpoint, loaded with ``weights_only=True``: tensors and plain containers only, so a
-    checkpoint from a shared remote cannot run code; anything else is refused, naming the file."""
+    checkpoint from a shared remote cannot run code; anything else is refused, naming the file.
+
+    Every tensor is loaded to the CPU, whatever device saved it or will use it: the RNG states (torch's,
+    the prompt dropout's, the PPO allocator's generator) must stay CPU byte tensors, the relocator's
+    state lives on the CPU, and ``load_state_dict`` (model, optimiser) copies each tensor to where its
+    parameter lives."""
     import pickle
 
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load: it holds more than tensors and plain containers "
                          f"(torch.load weights_only=True: {str(e).splitlines()[0]}). Delete the file to "
@@ -125,9 +131,11 @@ class Member:
     history: list = field(default_factory=list)
     wall: float = 0.0
     start: int = 0  # the first epoch still to train
+    chunk: int = 0  # runs of its pack per forward/backward (cfg.pack_chunk; 0: all; halved on out-of-memory)
 
     def __post_init__(self):
         self.forward = self.forward or self.model
+        self.chunk = self.chunk or self.cfg.pack_chunk
         self.params = [p for _, p in trainable_parameters(self.model)]
 
 
@@ -216,10 +224,12 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 
 
 def train_members(members: list[Member], data: TaskData, epoch: int, autocast, clock=NULL_CLOCK,
-                  max_batches: int | None = None) -> list[dict]:
+                  max_batches: int | None = None, forward=packed_forward) -> list[dict]:
     """One pass over the training split (or its first ``max_batches`` batches) for every run: each its
-    own data order; one concatenated forward and backward; each its own clipping and step. Metrics
-    accumulate on the device (one sync at the end). ``clock`` times the phases (:mod:`provpt.clock`)."""
+    own data order; the runs' batches concatenated through one forward and backward, or through one per
+    chunk of runs (:func:`pack_chunks`); each its own clipping and step once every chunk's backward is
+    done. Metrics accumulate on the device (one sync at the end). ``clock`` times the phases
+    (:mod:`provpt.clock`); ``forward(models, x, sizes)`` is :func:`packed_forward` (a test's stand-in)."""
     cfg = members[0].cfg
     for m in members:
         m.model.train()
@@ -235,31 +245,53 @@ def train_members(members: list[Member], data: TaskData, epoch: int, autocast, c
             break
         with clock.batch("data"):
             parts = [data.batch(cfg.train_split, o[start:start + cfg.batch_size], True, g) for o, g in zip(orders, gens)]
-            x = parts[0][0] if len(parts) == 1 else torch.cat([xb for xb, _ in parts])
         with clock.batch("forward_backward"):
-            with autocast:
-                if len(members) == 1:
-                    logits = [members[0].forward(x)]
-                else:
-                    logits = packed_forward([m.forward for m in members], x, [len(y) for _, y in parts])
-            losses = [F.cross_entropy(_wide(z), y) for z, (_, y) in zip(logits, parts)]
-            clock.mark("forward")
             for m in members:
                 m.optimizer.zero_grad(set_to_none=True)
-            (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+            logits, losses = [None] * len(members), [None] * len(members)
+
+            def step(lo: int, hi: int) -> None:
+                xs, ys = [xb for xb, _ in parts[lo:hi]], [y for _, y in parts[lo:hi]]
+                with autocast:
+                    z = forward([m.forward for m in members[lo:hi]], xs[0] if len(xs) == 1 else torch.cat(xs),
+                                [len(y) for y in ys])
+                chunk = [F.cross_entropy(_wide(zj), y) for zj, y in zip(z, ys)]
+                clock.mark("forward")
+                (chunk[0] if len(chunk) == 1 else torch.stack(chunk).sum()).backward()
+                logits[lo:hi], losses[lo:hi] = [zj.detach() for zj in z], [loss.detach() for loss in chunk]
+
+            pack_chunks(members, step)
         with clock.batch("optimizer"):
             for m in members:
                 if m.cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(m.params, m.cfg.grad_clip)
                 m.optimizer.step()
         for j, (z, (_, y)) in enumerate(zip(logits, parts)):
-            loss_sums[j] += losses[j].detach()
+            loss_sums[j] += losses[j]
             corrects[j] += (z.argmax(-1) == y).sum()
         batches += 1
         images += len(parts[0][1])
     return [{"train_loss": s / batches, "train_acc": 100.0 * c / images, "train_loss_faithful": s / m.cfg.batch_size,
              "batches": batches, "images": images}
             for m, s, c in zip(members, torch.stack(loss_sums).tolist(), torch.stack(corrects).tolist())]
+
+
+def pack_chunks(members: list[Member], work, grads: bool = True) -> None:
+    """``work(lo, hi)`` (a forward and its backward over ``members[lo:hi]``) on chunks of the pack, as
+    :func:`provpt.model.prompted_vit.chunked` runs them: at most ``pack_chunk`` runs each (0: all at
+    once), so that the saved activations of one chunk only are alive at a time (the runs share no
+    trainable parameter: the same numbers, up to the order of float sums); on out-of-memory the chunk
+    is halved and redone from where it started, and the pack keeps the smaller size from then on.
+    ``grads``: ``work`` accumulates into ``.grad`` (training), which a redone chunk then puts back."""
+    k = len(members)
+
+    def split(size: int) -> None:
+        log.warning("%s: out of memory with a pack of %d runs; forward/backward now %d runs at a time "
+                    "(pack_chunk=%d starts there)", members[0].cfg.dataset, k, size, size)
+
+    size = chunked([m.model for m in members], min(m.chunk or k for m in members), work, split, grads)
+    for m in members:
+        m.chunk = size if size < k else m.chunk
 
 
 def train_epoch(model, data: TaskData, cfg: RunConfig, optimizer, epoch: int, autocast, clock=NULL_CLOCK,
@@ -333,16 +365,62 @@ def oracle_lookahead(m: Member, data: TaskData, epoch: int, autocast):
     return lookahead
 
 
+# The scoring pass's shuffled order: a stream of its own, its seed the training order's seed
+# (seed * 100_003 + epoch) with bits 18-30 flipped, so no epoch's pass (of fewer than 2**18 epochs)
+# draws a training epoch's order (torch's CPU generator keeps 32 bits of a seed), and training draws
+# the same order with the pass as without it.
+PASS_STREAM = 0x5EEC << 16
+
+
+def pass_batches(cfg: RunConfig, data: TaskData, epoch: int):
+    """The batches of a run's scoring pass at ``epoch`` (``relocation.pass_order``), as a callable:
+    ``fixed``, the training split in its stored order, not augmented; ``shuffled`` (the authors': their
+    pass iterates the shuffled, augmented training loader), a permutation and, for FGVC, random crops
+    and flips drawn like a training epoch's, from a generator of the run's seed and the epoch only
+    (``PASS_STREAM``), so a resumed run draws the same and training's own order is unchanged."""
+    split, size = cfg.train_split, cfg.batch_size
+    if cfg.relocation.pass_order == "fixed":
+        return lambda: data.batches(split, size)
+
+    def shuffled():
+        gen = torch.Generator().manual_seed((cfg.seed * 100_003 + epoch) ^ PASS_STREAM)
+        order = torch.randperm(len(data.splits[split][1]), generator=gen)
+        return data.batches(split, size, order, train=True, gen=gen)
+
+    return shuffled
+
+
+def scoring_pass(members: list[Member], data: TaskData, epoch: int, forward=packed_forward) -> list[tuple]:
+    """The authors' scoring pass of every run of ``members`` at ``epoch`` (their relocators'
+    ``needs_pass``) as one packed pass: each run its own batches (:func:`pass_batches`), one forward and
+    one backward per step for the pack (in chunks as training: :func:`pack_chunks`), per-run gradients
+    (:func:`provpt.relocation.relocator.scoring_passes`). Returns (scores, losses) per run, each
+    equal to its pass alone."""
+    from .relocation.relocator import scoring_passes
+
+    runs = [pass_batches(m.cfg, data, epoch) for m in members]
+    return scoring_passes([(m.relocator, m.forward) for m in members], lambda: zip(*[b() for b in runs]),
+                          F.cross_entropy, epoch, forward, lambda work: pack_chunks(members, work, grads=False))
+
+
 def run_members(members: list[Member], data: TaskData, epoch: int, autocast, eval_splits=(), clock=NULL_CLOCK,
                 max_batches: int | None = None) -> list[dict]:
-    """One epoch of a pack as :func:`run_pack` trains it: learning rates -> relocation (PRO-VPT, each
-    run on its own) -> train -> the relocators' bookkeeping -> evaluation of ``eval_splits``.
+    """One epoch of a pack as :func:`run_pack` trains it: the scoring passes of the runs that take one,
+    as one packed pass (:func:`scoring_pass`) -> learning rates -> relocation (PRO-VPT, each run on its
+    own) -> train -> the relocators' bookkeeping -> evaluation of ``eval_splits``.
     Returns each run's history row (without the distribution); shared phases' seconds are split
     evenly among the runs."""
     k = len(members)
-    t0 = time.perf_counter()
-    relocation, moves = [], []
-    for m in members:
+    relocation, moves = [0.0] * k, []
+    passing = [j for j, m in enumerate(members) if m.relocator is not None and m.relocator.needs_pass(epoch)]
+    scored = {}
+    if passing:  # the authors' scoring passes of the pack, as one packed pass
+        r0 = time.perf_counter()
+        with clock.once("relocation"), clock.once("scoring"), autocast:
+            scored = dict(zip(passing, scoring_pass([members[j] for j in passing], data, epoch)))
+        for j in passing:
+            relocation[j] += (time.perf_counter() - r0) / len(passing)
+    for j, m in enumerate(members):
         for group in m.optimizer.param_groups:
             group["lr"] = lr_at(m.cfg, epoch)
         r0 = time.perf_counter()
@@ -350,10 +428,11 @@ def run_members(members: list[Member], data: TaskData, epoch: int, autocast, eva
             train_batches = lambda m=m: data.batches(m.cfg.train_split, m.cfg.batch_size)  # noqa: E731 (fixed order)
             oracle = oracle_lookahead(m, data, epoch, autocast) if m.cfg.relocation.allocator == "oracle" else None
             with clock.once("relocation"), autocast:
-                moves.append(m.relocator.start_epoch(epoch, m.forward, train_batches, F.cross_entropy, clock, oracle))
+                moves.append(m.relocator.start_epoch(epoch, m.forward, train_batches, F.cross_entropy, clock, oracle,
+                                                     scored.get(j)))
         else:
             moves.append([])
-        relocation.append(time.perf_counter() - r0)
+        relocation[j] += time.perf_counter() - r0
     t1 = time.perf_counter()
     stats = train_members(members, data, epoch, autocast, clock, max_batches)
     for m, st in zip(members, stats):
@@ -384,10 +463,12 @@ def run(cfg: RunConfig, on_epoch_end=None) -> dict:
     return run_pack([cfg], on_epoch_end)[0]
 
 
-def _resume(m: Member, device) -> None:
+def _resume(m: Member) -> None:
+    """Continue ``m`` from its run folder's checkpoint, if any (loaded to the CPU; the model and the
+    optimiser place their tensors on the run's device)."""
     if not (m.out / CHECKPOINT).exists():
         return
-    ck = load_checkpoint(m.out / CHECKPOINT, device)
+    ck = load_checkpoint(m.out / CHECKPOINT)
     m.model.load_trainable_state(ck["model"])
     m.optimizer.load_state_dict(ck["optimizer"])
     if ck.get("dropout_rng") is not None:
@@ -434,6 +515,7 @@ def run_pack(cfgs: list[RunConfig], on_epoch_end=None) -> list[dict]:
         done = Path(cfg.out) / "metrics.json"
         if done.exists():
             results[i] = json.loads(done.read_text())
+            retain(Path(cfg.out), cfg.keep)  # (what a kill between metrics.json and the clean-up left)
         else:
             todo.append(i)
     if not todo:
@@ -457,7 +539,7 @@ def run_pack(cfgs: list[RunConfig], on_epoch_end=None) -> list[dict]:
         model, optimizer, relocator = build_run(cfg, data.num_classes, device, shared)
         forward = torch.compile(model) if cfg.compile and shared is None else model
         m = Member(cfg, model, optimizer, relocator, forward, out)
-        _resume(m, device)
+        _resume(m)
         if m.start == 0 and 0 in save_epochs(cfg):
             save_torch(_checkpoint(m, 0), out / "checkpoints" / "epoch000.pt")
         members.append(m)
@@ -482,11 +564,23 @@ def run_pack(cfgs: list[RunConfig], on_epoch_end=None) -> list[dict]:
             on_epoch_end(epoch)
 
     for i, m in zip(todo, members):
-        save_trainable(m.model, m.out / "trainable.safetensors")
+        if m.cfg.keep != "metrics":
+            save_trainable(m.model, m.out / "trainable.safetensors")
         metrics = final_metrics(m.cfg, m.model, data, m.history, m.wall, len(members))
         write_text(m.out / "metrics.json", json.dumps(metrics, indent=2))
+        retain(m.out, m.cfg.keep)  # only now: a run killed before this point resumes from its checkpoint
         results[i] = metrics
     return results
+
+
+def retain(out: Path, keep: str) -> None:
+    """Apply the retention policy ``keep`` to the finished run folder ``out`` (its ``metrics.json``
+    written): ``all`` keeps everything; ``weights`` deletes the resume checkpoint (trainable state,
+    optimiser state, RNG); ``metrics`` also the trainable weights, leaving config.yaml, metrics.json,
+    history.jsonl, distribution.csv and moves.jsonl. The copies a study reads (``checkpoints/``) stay."""
+    drop = {"all": (), "weights": (CHECKPOINT,), "metrics": (CHECKPOINT, "trainable.safetensors")}[keep]
+    for name in drop:
+        (out / name).unlink(missing_ok=True)
 
 
 def write_logs(out: Path, history: list, relocator) -> None:
@@ -513,7 +607,7 @@ def final_metrics(cfg: RunConfig, model, data: TaskData, history: list, wall: fl
         "distribution": model.distribution(), "wall_time_s": wall, "packed_runs": packed,
         "backbone": cfg.backbone, "weights_sha256": file_sha256(cfg.weights),
         "data_manifest_sha256": json_sha256(data.manifest),
-        "norm": cfg.norm, "optimizer": cfg.optimizer, "schedule": cfg.schedule,
+        "data_variant": data.variant, "norm": cfg.norm, "optimizer": cfg.optimizer, "schedule": cfg.schedule,
         "selection_rule": "last-epoch accuracy on the search eval split; ties to the smaller lr",
         "versions": {"provpt": provpt.__version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},

@@ -151,6 +151,7 @@ def test_paper_profiles_run_the_authors_pro_vpt_and_ours_beside_it(profile):
     r = authors.relocation
     assert (r.scoring, r.clip_scores, r.reward, r.idleness, r.ppo_update) == ("pass", True, "faithful", "gate",
                                                                               "faithful")
+    assert r.pass_order == "shuffled" and resolve(ROOT / "params" / "mini.yaml", "pro-vpt").relocation.pass_order == "fixed"
     assert (authors.precision, authors.optimizer, authors.schedule, authors.grad_clip) == ("fp32", "sgd", "constant",
                                                                                           0.25)
     assert (r.count, r.until, r.scale, r.warmup_epochs, r.allocator) == (1, 1.0, 1e-3, 1, "ppo")
