@@ -44,6 +44,7 @@ localrules:
     search,
     final,
     studies,
+    search_grid,
     select,
     report,
 

@@ -37,8 +37,10 @@ VTAB = [
 ]
 FGVC = ["cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"]
 
-# Expected jobs. Search: one job per (dataset, method), training its whole lr x wd grid in packs;
-# final: one job per (dataset, method), its seeds in packs.
+# Expected jobs. Search: one job per pack of a (dataset, method)'s lr x wd grid (packs of 8; one run
+# each for full, lora and adapter, which do not pack), and search_grid gathering them per (dataset,
+# method); final: one job per (dataset, method), its seeds in packs.
+#   paper grids: 32 points (16 for full, lora, adapter): 5 methods x 4 packs + 3 x 16 = 68 pack jobs.
 #   vtab1k: 8 methods; 3 seeds; studies: correlation 19 + timing 1 + adjustment 3 + rewards 0 per
 #           dataset, allocators 19 datasets x 5 variants x 3 seeds (one run per job).
 #   fgvc:   the same grid on 5 datasets; studies 5 + 1 + 1, allocators 5 x 5 x 3.
@@ -51,15 +53,15 @@ MINI_VARIANTS = 6  # mini adds the oracle
 SMOKE_VARIANTS = 2  # smoke: norm and oracle
 M = 5  # mini's methods: linear, vpt-shallow, vpt-deep, pro-vpt, pro-vpt-exact
 EXPECTED = {
-    "vtab1k": {"prepare": 19, "search_grid": 19 * 8, "select": 19 * 8, "final_seeds": 19 * 8,
+    "vtab1k": {"prepare": 19, "search_pack": 19 * 68, "search_grid": 19 * 8, "select": 19 * 8, "final_seeds": 19 * 8,
                "study": 19 + 1 + 3, "study_variant": 19 * VARIANTS * 3, "report": 1, "all": 1},
-    "fgvc": {"prepare": 5, "search_grid": 5 * 8, "select": 5 * 8, "final_seeds": 5 * 8,
+    "fgvc": {"prepare": 5, "search_pack": 5 * 68, "search_grid": 5 * 8, "select": 5 * 8, "final_seeds": 5 * 8,
              "study": 5 + 1 + 1, "study_variant": 5 * VARIANTS * 3, "report": 1, "all": 1},
-    "mini": {"prepare": 7, "pretrain": 1, "search_grid": 7 * M, "select": 7 * M, "final_seeds": 7 * M,
+    "mini": {"prepare": 7, "pretrain": 1, "search_pack": 7 * M, "search_grid": 7 * M, "select": 7 * M, "final_seeds": 7 * M,
              "study": 4, "study_variant": MINI_VARIANTS, "report": 1, "all": 1},
-    "quick": {"prepare": 3, "pretrain": 1, "search_grid": 3 * M, "select": 3 * M, "final_seeds": 3 * M,
+    "quick": {"prepare": 3, "pretrain": 1, "search_pack": 3 * M, "search_grid": 3 * M, "select": 3 * M, "final_seeds": 3 * M,
               "study": 3, "report": 1, "all": 1},
-    "smoke": {"prepare": 2, "pretrain": 1, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
+    "smoke": {"prepare": 2, "pretrain": 1, "search_pack": 2 * M, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
               "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1, "all": 1},
 }
 
@@ -393,7 +395,7 @@ def test_smoke_profile_edits_rerun_what_they_touch(smoke):
         # (smoke's search runs take their epochs from search.overrides: their configuration is unchanged)
         ("train={epochs: 3}", {"final_seeds": 2 * M, "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1,
                                "all": 1}),
-        ("search={overrides: {epochs: 1}}", {"search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
+        ("search={overrides: {epochs: 1}}", {"search_pack": 2 * M, "search_grid": 2 * M, "select": 2 * M, "final_seeds": 2 * M,
                                              "study": 4, "study_variant": SMOKE_VARIANTS, "report": 1, "all": 1}),
     ]
     for override, expected in cases:
@@ -550,7 +552,7 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
     default = yaml.safe_load((repo / "profiles/default/config.yaml").read_text())
     assert "cores" not in default and "resources" not in default
     slurm = yaml.safe_load((repo / "profiles/slurm/config.yaml").read_text())
-    rules = {"search_grid", "final_seeds", "study", "study_seed", "study_variant"}
+    rules = {"search_pack", "final_seeds", "study", "study_seed", "study_variant"}
     assert set(slurm["set-resources"]) == rules and "cpus_per_task" not in slurm["default-resources"]
     proc = snakemake(repo, "-n", "-p", "--profile", "profiles/slurm", "--cores", "1000", "--config",
                      *paths_config("vtab1k", roots))
@@ -560,13 +562,38 @@ def test_slurm_profile_asks_each_rule_for_its_resources(repo, roots):
         res = dict(kv.split("=", 1) for kv in re.search(r"resources: (.*)", block).group(1).split(", "))
         threads = re.search(r" threads=(\d+) ", block)
         seen.setdefault(rule, (res, threads and int(threads.group(1))))
-    for rule in ("search_grid", "final_seeds", "study", "study_variant"):
+    for rule in ("search_pack", "final_seeds", "study", "study_variant"):
         res, threads = seen[rule]
         assert res["slurm_partition"] == "<gpu-partition>" and res["gpu"] == "1", (rule, res)
         runtime = "720" if rule.startswith("study") else "240"
         assert (res["mem_mb"], res["runtime"], threads) == ("32000", runtime, 4), (rule, res, threads)
     res, _ = seen["prepare"]
     assert res["slurm_partition"] == "<cpu-partition>" and res.get("gpu", "0") == "0"
+
+
+def test_search_packs_and_final_jobs_ask_for_their_projected_time(repo, roots):
+    """fgvc under the slurm profile: a search pack's and a final job's `runtime` is its projected work
+    (provpt.plan.job_minutes) with the margin, at least resources.train.runtime (480), at most
+    max_runtime; a retry asks for it once more (attempt 2 is not shown by a dry run)."""
+    from provpt.config import read_profile
+    from provpt.plan import job_minutes
+    from provpt.protocol import search_packs
+
+    proc = snakemake(repo, "-n", "-p", "--profile", "profiles/slurm", "--config", *paths_config("fgvc", roots),
+                     "resources={train: {max_runtime: 1200}}")
+    runtime = {}
+    for block in proc.stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        if rule in ("search_pack", "final_seeds"):
+            out = re.search(r"output: (\S+)", block).group(1)
+            runtime[out] = int(re.search(r"runtime=(\d+)", block).group(1))
+    prof = read_profile(repo / "params/fgvc.yaml")
+    expect = job_minutes(search_packs(prof, "nabirds", "vpt-deep", "x")[0], 480)  # (public split sizes)
+    assert 480 < expect < 1200
+    assert runtime["results/fgvc/runs/search/nabirds/vpt-deep/pack0.json"] == expect
+    assert runtime["results/fgvc/runs/search/nabirds/pro-vpt/pack3.json"] == 1200  # 16 h projected: capped
+    assert runtime["results/fgvc/runs/search/oxford_flowers/full/pack0.json"] == 480  # the floor
+    assert len([o for o in runtime if "/search/" in o]) == 5 * 68
 
 
 # ----------------------------------------------------------------------------- a real SLURM
@@ -580,7 +607,7 @@ SLURM_RESOURCES = ("resources={train: {threads: 1, gpu: 1, mem_mb: 1000, runtime
 SLURM_EXPECTED = {
     "prepare": ("cpu", "1", "1500M", "00:15:00", None),
     "pretrain": ("cpu", "2", "3000M", "00:40:00", None),
-    "search_grid": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
+    "search_pack": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
     "final_seeds": ("gpu", "1", "1000M", "00:30:00", "gres:gpu:1"),
 }
 
@@ -657,7 +684,7 @@ def test_smoke_final_runs_through_a_real_slurm(smoke, slurm, tmp_path):
         got = (job["Partition"], job["NumCPUs"], job["MinMemoryNode"], job["TimeLimit"], job.get("TresPerJob"))
         assert got == (partition, cpus, mem, limit, gres), (rule, got)
     counts = {rule: len(js) for rule, js in by_rule.items()}
-    assert counts == {"prepare": 1, "pretrain": 1, "search_grid": len(methods), "final_seeds": len(methods)}, counts
+    assert counts == {"prepare": 1, "pretrain": 1, "search_pack": len(methods), "final_seeds": len(methods)}, counts
 
     for target in targets:
         here, local = (json.loads((root / target).read_text()) for root in (repo, smoke))

@@ -1,6 +1,7 @@
 # Final runs: the selected lr/wd, one run per seed (`provpt final`: final.train_split, evaluated on
 # final.eval_split, with final.overrides). One job per (dataset, method) trains its seeds in packs of
-# `pack.final` runs through one shared backbone, each seed into its own folder.
+# `pack.final` runs through one shared backbone, each seed into its own folder. Its `runtime`: the
+# projection of its seeds' work (provpt.plan.job_minutes, as the search packs').
 
 
 rule final_seeds:
@@ -14,7 +15,7 @@ rule final_seeds:
         dir=lambda w, output: Path(output[0]).parent.parent,
     threads: RESOURCES["train"].get("threads", 1)
     resources:
-        **job_resources("train"),
+        **job_resources("train", runtime=final_runtime),
     log:
         f"{LOGS}/final/{{dataset}}/{{method}}.log",
     benchmark:
