@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= quick
 CORES ?= 2
+TEST_WORKERS ?= 2
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: run test venv data-deps slurm-deps clean-results gpu-check
@@ -48,8 +49,10 @@ run: venv data-deps
 	$(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE) fmnist_dir=$(FMNIST_DIR)
 	$(VENV)/bin/snakemake --config profile=$(PROFILE) fmnist_dir=$(FMNIST_DIR) --report results/$(PROFILE)/report.html
 
+# The suite on TEST_WORKERS processes (pytest-xdist); tests sharing one end-to-end run stay on one
+# worker (tests/conftest.py: pytest_xdist_make_scheduler).
 test: venv data-deps slurm-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The first-GPU check (one GPU, <= 8 min; run it once where a GPU is lent): the device tests on CUDA
 # (incl. kill -9 + resume of a packed pro-vpt/pro-vpt-exact pair, fp32 and bf16), the GPU epoch benchmark

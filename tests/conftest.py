@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the suite on both cores
+
+# `make test` runs pytest-xdist (-n 2). A module-scoped fixture is built once per worker that runs one
+# of its tests, so the tests that share an expensive one (a whole Snakemake run) must go to one worker,
+# in one piece: the smoke profile's run (its DVC and SLURM tests build on it; two SLURM test clusters
+# cannot run at once either) and each paper-profile rehearsal. xdist's own `--dist loadgroup` cannot
+# do it under pytest 9 (it renames `item._nodeid`, which pytest 9 no longer reads), so the scheduler
+# below makes each such group one scope of xdist's scope scheduler and every other test a scope of
+# its own; scopes with more tests start first (xdist's reordering), so the long groups begin at once.
+SHARED_RUNS = {"smoke": "smoke", "dvc_smoke": "smoke", "slurm": "smoke", "rehearsal": "rehearsal"}
+SMOKE_TESTS = re.compile(r"test_(smoke_|dvc_repro$|dvc_push_|slurm_job_output_)")
+
+
+def shared_run_scope(nodeid: str) -> str:
+    """The xdist scope of a test, from its node id alone (the scheduler sees nothing else)."""
+    path, _, name = nodeid.partition("::")
+    if path.endswith("test_paper_profiles.py") and name.endswith("]"):
+        return "rehearsal-" + name[name.index("[") + 1:-1]
+    if path.endswith("test_workflow.py") and SMOKE_TESTS.match(name):
+        return "smoke"
+    return nodeid
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses a shared run must be in its scope (else it would build the run again on
+    another worker): checked against the fixtures it really uses, so a new test cannot slip out."""
+    for item in items:
+        groups = {SHARED_RUNS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RUNS}
+        if "rehearsal" in groups:
+            groups = {f"rehearsal-{item.callspec.params['rehearsal']}"}
+        scope = shared_run_scope(item.nodeid)
+        if groups and groups != {scope}:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared run {sorted(groups)} but tests/conftest.py "
+                                    f"schedules it as {scope!r}: extend shared_run_scope")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_run_scope(nodeid)
+
+    return SharedRunScheduling(config, log)
+
+
+def pytest_configure(config):
+    # Two workers on two cores: torch's own threads in each would only oversubscribe them (the
+    # Snakemake jobs the tests start set their threads themselves).
+    if os.environ.get("PYTEST_XDIST_WORKER") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
