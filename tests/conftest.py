@@ -160,6 +160,7 @@ def pytest_collection_modifyitems(config, items):
                                     f"schedules it as {scope!r}: extend shared_run_scope")
 
 
+@pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: unknown where xdist is absent or disabled)
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
