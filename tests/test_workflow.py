@@ -421,6 +421,27 @@ def test_smoke_lost_run_is_redone_alone(smoke):
     assert _nothing_to_do(smoke)
 
 
+@pytest.mark.slow
+def test_pro_vpt_on_a_24_block_backbone_through_the_workflow(tmp_path):
+    """The smoke profile on one task and PRO-VPT alone, its backbone 24 blocks deep (ViT-L/16's
+    depth, at toy width): pretraining, search, selection, final run and report follow the depth, and
+    the distribution figures have a row per block."""
+    repo = copy_repo(tmp_path / "repo")
+    snakemake(repo, "--cores", "2", "--config", "profile=smoke", "datasets=[count]", "methods=[pro-vpt]",
+              "train={backbone_kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 24, num_heads: 2}}",
+              "studies={allocators: {datasets: []}}")
+    res = repo / "results/smoke"
+    metrics = json.loads((res / "runs/final/count/pro-vpt/seed18/metrics.json").read_text())
+    assert len(metrics["distribution"]) == 24 and sum(metrics["distribution"]) == 24 * metrics["prompts_per_block"]
+    moves = [json.loads(line) for line in (res / "runs/final/count/pro-vpt/seed18/moves.jsonl").read_text().splitlines()]
+    assert moves and all(0 <= m["source"] < 24 and 0 <= m["target"] < 24 for m in moves)
+    rows = (res / "runs/final/count/pro-vpt/seed18/distribution.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["epoch"] + [f"b{i}" for i in range(24)], rows[0]
+    names = {p.stem for p in (res / "figures").glob("*.png")}
+    for prefix in ("final_distributions", "distribution_over_epochs"):
+        assert any(n.startswith(prefix) for n in names), sorted(names)
+
+
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 # What a DVC test could leave in the checkout if it ran DVC there by mistake (they run in copies).
 DVC_LITTER = ("dvc-store", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "dvc.lock")
