@@ -84,7 +84,7 @@ def cmd_plan(args) -> None:
     if not args.profile:
         raise ConfigError("plan: give --profile params/<name>.yaml")
     measured = read_measured(args.measured) if args.measured else None
-    result = plan(_profile(args), args.overrides, measured)
+    result = plan(args.profile, args.overrides, measured)  # (the path: its base chain is what may be chosen)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

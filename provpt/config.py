@@ -176,7 +176,9 @@ def restrict_profile(profile: dict, datasets=None, methods=None, seeds=None,
         elif before and not study["datasets"]:
             notes.append(f"studies.{name}: no job (its datasets {before} are left out)")
         if isinstance(study.get("seeds"), list) and study["seeds"]:
-            kept = [s for s in study["seeds"] if s in chosen["seeds"]]
+            # (only seeds the choice left out go: a study may list seeds of its own beyond the profile's)
+            dropped = set(known["seeds"] + list(profile.get("seeds") or [])) - set(chosen["seeds"])
+            kept = [s for s in study["seeds"] if s not in dropped]
             if study["datasets"] and kept != study["seeds"]:
                 notes.append(f"studies.{name}.seeds: left out {[s for s in study['seeds'] if s not in kept]}")
             if kept:

@@ -88,16 +88,22 @@ def gather_search(dataset: str, method: str, files) -> dict:
     --summary``), in the order given; a file of another dataset or method is refused."""
     import json
 
-    points = []
+    points, packs = [], []
     for f in files:
         try:
             part = json.loads(Path(f).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"search --gather {f}: unreadable pack summary ({e})") from None
+        if not isinstance(part, dict) or not isinstance(part.get("points"), list):
+            raise ConfigError(f"search --gather {f}: not a pack summary (a mapping with a 'points' list)")
         if (part.get("dataset"), part.get("method")) != (dataset, method):
             raise ConfigError(f"search --gather {f}: a pack of {part.get('dataset')}/{part.get('method')}, "
                               f"not {dataset}/{method}")
         points += part["points"]
+        packs.append(part.get("pack"))
+    if None not in packs and packs != list(range(len(packs))):
+        raise ConfigError(f"search --gather: the packs given are {packs}, expected each of 0-{len(packs) - 1} once, "
+                          "in order")
     return {"dataset": dataset, "method": method, "points": points}
 
 

@@ -162,6 +162,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: unknown where xdist is absent or disabled)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # (another --dist mode asked for: xdist's own scheduler)
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedRunScheduling(LoadScopeScheduling):

@@ -157,3 +157,11 @@ def test_search_one_job_per_pack_gathers_the_whole_grid(toy_root, tmp_path, caps
     assert cli(["search", "--gather", str(tmp_path / "pack0.json"), "--summary", str(tmp_path / "x.json"),
                 "dataset=other", "method=vpt-deep"]) == 2
     assert "a pack of toy/vpt-deep, not other/vpt-deep" in capsys.readouterr().err
+    for files in (["pack0.json", "pack0.json"], ["pack1.json", "pack0.json"]):
+        assert cli(["search", "--gather", *[str(tmp_path / f) for f in files], "--summary", str(tmp_path / "x.json"),
+                    "dataset=toy", "method=vpt-deep"]) == 2
+        assert "expected each of 0-1 once, in order" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[]")
+    assert cli(["search", "--gather", str(tmp_path / "list.json"), "--summary", str(tmp_path / "x.json"),
+                "dataset=toy", "method=vpt-deep"]) == 2
+    assert "not a pack summary" in capsys.readouterr().err

@@ -129,6 +129,29 @@ def test_a_profile_file_extending_vtab1k_with_a_few_tasks(tmp_path):
     # its own lists are the run's: the notes name what the sections lose
     assert "groups: left out ['natural', 'specialized'] (no chosen dataset)" in notes
     assert any(n.startswith("train_by_dataset: left out ['cifar', 'caltech101'") for n in notes)
+    # provpt plan reads the file the same way (its base chain is what may be chosen)
+    from provpt.plan import plan
+
+    p = plan(path)
+    assert (p["datasets"], p["study_jobs"]["timing"]) == (1, 0)
+    assert p["study_jobs"]["correlation"] == 1 and p["study_jobs"]["allocators"] == 15  # 5 variants x 3 seeds
+    assert plan(path, ["datasets=[dtd]"])["datasets"] == 1
+
+
+def test_a_studys_own_seeds_stay_unless_the_choice_leaves_them_out():
+    """A study may list seeds beyond the run's: only the seeds the choice (or a profile narrowing its
+    base's list, as quick narrows mini's) leaves out are cut."""
+    prof = load_profile(ROOT / "params" / "quick.yaml")  # seeds: [18], of mini's [18, 25, 42]
+    prof["studies"]["allocators"] = {**prof["studies"]["allocators"], "datasets": ["count"], "seeds": [18, 25, 7]}
+    cut, notes = restrict_profile(prof, known=profile_names(ROOT / "params" / "quick.yaml"))
+    assert cut["studies"]["allocators"]["seeds"] == [18, 7]
+    assert "studies.allocators.seeds: left out [25]" in notes
+    mini = load_profile(ROOT / "params" / "mini.yaml")  # seeds: [18, 25, 42]
+    mini["studies"]["allocators"] = {**mini["studies"]["allocators"], "seeds": [18, 25, 7]}
+    assert restrict_profile(mini, known=profile_names(ROOT / "params" / "mini.yaml"))[0]["studies"]["allocators"][
+        "seeds"] == [18, 25, 7]
+    cut, _ = restrict_profile(mini, seeds=[25], known=profile_names(ROOT / "params" / "mini.yaml"))
+    assert cut["studies"]["allocators"]["seeds"] == [25, 7]
 
 
 # ----------------------------------------------------------------------------- through Snakemake

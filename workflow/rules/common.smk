@@ -242,7 +242,7 @@ def prepared_data():
 # ----------------------------------------------------------------------------- job configurations
 
 # Keys that change where or how fast a job runs, not what it computes: not part of the params hash.
-RUNTIME_KEYS = {"threads", "device", "progress", "compile", "out", "data_root", "weights", "keep"}
+RUNTIME_KEYS = {"threads", "device", "progress", "compile", "out", "data_root", "weights", "keep", "pack_chunk"}
 
 
 def digest(*parts):
@@ -346,6 +346,8 @@ def search_pack_files(dataset, method):
 # (profiles/slurm `retries`) resumes the job's runs where they stopped and gets the limit once more.
 def _train_minutes(cfgs, attempt):
     r = RESOURCES["train"]
+    if not r.get("gpu"):  # (a CPU job: the projection prices GPUs)
+        return attempt * r.get("runtime", 60)
     minutes = attempt * job_minutes(cfgs, r.get("runtime", 60))
     return min(minutes, r["max_runtime"]) if r.get("max_runtime") else minutes
 
