@@ -182,7 +182,12 @@ def job_minutes(cfgs: list, floor: int, measured: list[dict] | None = None, cap:
     if not cfgs or str(cfgs[0].device) == "cpu":
         return floor
     sec = job_seconds(cfgs, measured)
-    minutes = floor if sec is None else max(floor, math.ceil(MARGIN * sec[0] / 60 + MARGIN_MIN))
+    return floor if sec is None else runtime_minutes(sec[0], floor, cap)
+
+
+def runtime_minutes(seconds: float, floor: int, cap: int | None = None) -> int:
+    """A time limit for ``seconds`` of projected work: x MARGIN + MARGIN_MIN minutes, in [floor, cap]."""
+    minutes = max(floor, math.ceil(MARGIN * seconds / 60 + MARGIN_MIN))
     return min(minutes, cap) if cap else minutes
 
 
@@ -230,7 +235,7 @@ def cache_bytes(prof: dict, dataset: str, base) -> int | None:
 def plan(profile, overrides=(), measured: list[dict] | None = None) -> dict:
     """Jobs, runs, GPU-hours and disk of a merged profile (``overrides``: ``key=value`` of the profile)."""
     from .config import SUBSET_KEYS, as_mapping, deep_merge, profile_names, restrict_profile
-    from .protocol import final_configs, pack_size, search_configs
+    from .protocol import final_configs, pack_size, packs_of, search_configs
 
     prof = read_profile(profile)
     over = as_mapping(overrides, "command line")
@@ -256,8 +261,7 @@ def plan(profile, overrides=(), measured: list[dict] | None = None) -> dict:
             for rule, (stage, cfgs) in stages.items():
                 # a search job per pack; a final job per (dataset, method), its seeds in packs
                 size = pack_size(prof, stage, m) if rule == "search_pack" else max(1, len(cfgs))
-                for i in range(0, len(cfgs), size):
-                    pack = cfgs[i:i + size]
+                for pack in packs_of(cfgs, size):
                     sec = job_seconds(pack, measured)
                     r = rules[rule]
                     r["jobs"] += 1
@@ -276,8 +280,7 @@ def plan(profile, overrides=(), measured: list[dict] | None = None) -> dict:
     train = (prof.get("resources") or {}).get("train") or {}
     floor, cap = int(train.get("runtime", 60)), train.get("max_runtime")
     for r in rules.values():
-        r["runtime_min"] = max(floor, math.ceil(MARGIN * r["longest_s"] / 60 + MARGIN_MIN))
-        r["runtime_min"] = min(r["runtime_min"], cap) if cap else r["runtime_min"]
+        r["runtime_min"] = runtime_minutes(r["longest_s"], floor, cap)
         r["how"] = "measured" if r["how"] == {"measured"} else "projected"
     other = {"prepare": len(datasets), "search_grid": len(datasets) * len(methods),
              "select": len(datasets) * len(methods), "report": 1}

@@ -53,11 +53,16 @@ def pack_size(profile, stage: str, method: str) -> int:
     return size if method in PACKABLE else 1
 
 
+def packs_of(cfgs: list, size: int) -> list[list]:
+    """``cfgs`` cut into packs of ``size`` runs, in order (the last one may be smaller)."""
+    return [cfgs[i:i + size] for i in range(0, len(cfgs), size)]
+
+
 def train_packed(cfgs: list, size: int) -> list[dict]:
     """Train ``cfgs`` in packs of ``size`` (in order); returns every run's metrics."""
     from .train import run_pack
 
-    return [m for i in range(0, len(cfgs), size) for m in run_pack(cfgs[i:i + size])]
+    return [m for pack in packs_of(cfgs, size) for m in run_pack(pack)]
 
 
 def search_packs(profile, dataset: str, method: str, root, lrs=None, overrides=()) -> list[list]:
@@ -65,8 +70,7 @@ def search_packs(profile, dataset: str, method: str, root, lrs=None, overrides=(
     order): the workflow gives each pack its own job."""
     prof = read_profile(profile)
     cfgs = search_configs(prof, dataset, method, root, lrs, overrides)
-    size = pack_size(prof, "search", method)
-    return [cfgs[i:i + size] for i in range(0, len(cfgs), size)]
+    return packs_of(cfgs, pack_size(prof, "search", method))
 
 
 def search(profile, dataset: str, method: str, root, lrs=None, overrides=(), pack: int | None = None) -> list[dict]:
@@ -76,7 +80,7 @@ def search(profile, dataset: str, method: str, root, lrs=None, overrides=(), pac
 
     packs = search_packs(profile, dataset, method, root, lrs, overrides)
     if pack is None:
-        return [m for cfgs in packs for m in run_pack(cfgs)]
+        return [m for p in packs for m in run_pack(p)]
     if not 0 <= pack < len(packs):
         raise ConfigError(f"search {dataset}/{method}: pack {pack} does not exist (the grid trains in {len(packs)} "
                           f"pack(s), 0-{len(packs) - 1})")

@@ -21,7 +21,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 from provpt.config import (STUDIES, SUBSET_KEYS, ConfigError, deep_merge, load_profile, parse_value, profile_names,
                            resolve, restrict_profile, search_grid, search_prompts)
 from provpt.plan import job_minutes
-from provpt.protocol import pack_size, search_configs
+from provpt.protocol import pack_size, packs_of, search_configs
 from provpt.studies import parse_overrides, study_jobs
 
 
@@ -333,8 +333,7 @@ def job_resources(kind, runtime=None):
 def search_packs(dataset, method):
     """A search grid's run configurations in the packs its jobs train (provpt.protocol.search_packs)."""
     cfgs = [c for lr in lrs(method) for c in search_cfgs(dataset, method, lr)]
-    size = _resolved(f"pack.search of {method}", pack_size, P, "search", method)
-    return [cfgs[i:i + size] for i in range(0, len(cfgs), size)]
+    return packs_of(cfgs, _resolved(f"pack.search of {method}", pack_size, P, "search", method))
 
 
 def search_pack_files(dataset, method):
